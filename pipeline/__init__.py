@@ -1,0 +1,1 @@
+"""The speech pipeline both transports share: VAD, STT, endpointing, barge-in, TTS, recording."""

@@ -1,0 +1,111 @@
+"""Typed events a pipeline session emits, Pipecat-style: one dataclass per kind, with its wire name.
+
+Transports forward them (the web edge as JSON, the agent channel as text events); tests and benchmarks read
+them to measure. Offsets (`*_ms`) are positions in the session's recording timeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = "event"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+
+@dataclass
+class SessionStarted(Event):
+    type: ClassVar[str] = "session.started"
+    session_id: str
+    input_sample_rate: int
+    output_sample_rate: int
+    direction: str
+
+
+@dataclass
+class UserSpeechStarted(Event):
+    type: ClassVar[str] = "user.speech_started"
+    at_ms: int
+
+
+@dataclass
+class UserPartial(Event):
+    type: ClassVar[str] = "user_partial"
+    text: str
+
+
+@dataclass
+class UserTurn(Event):
+    type: ClassVar[str] = "user_turn"
+    seq: int
+    text: str
+    start_ms: int
+    end_ms: int
+    typed: bool = False
+
+
+@dataclass
+class AgentReply(Event):
+    """The agent's full text for one reply, sent once it is complete (or cut by barge-in)."""
+
+    type: ClassVar[str] = "agent_reply"
+    seq: int
+    text: str
+
+
+@dataclass
+class AgentSpeechStarted(Event):
+    type: ClassVar[str] = "agent.speech_started"
+    seq: int
+    at_ms: int
+
+
+@dataclass
+class AgentSpeechDone(Event):
+    type: ClassVar[str] = "agent.speech_done"
+    seq: int
+    text: str
+    interrupted: bool
+    heard_text: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
+class BargeIn(Event):
+    type: ClassVar[str] = "barge_in"
+    seq: int
+    heard_text: str
+    user_text: str
+
+
+@dataclass
+class Clear(Event):
+    """Drop every buffered agent sample now (sent with barge-in)."""
+
+    type: ClassVar[str] = "clear"
+
+
+@dataclass
+class Metric(Event):
+    type: ClassVar[str] = "metric"
+    name: str
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SessionEnded(Event):
+    type: ClassVar[str] = "session.ended"
+    reason: str
+
+
+@dataclass
+class Error(Event):
+    type: ClassVar[str] = "error"
+    code: str
+    message: str

@@ -1,0 +1,52 @@
+"""The contract every speech-to-text engine meets.
+
+An engine holds the loaded model (once per process, shared by all sessions); a stream holds one
+utterance's decoder state. Stream methods are synchronous and may burn CPU: the pipeline runs them in its
+STT executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    # Seconds of audio this text covers (the audio accepted when it was produced).
+    audio_s: float
+    # Wall-clock seconds the engine spent producing it.
+    compute_s: float
+
+
+class STTStream(ABC):
+    """One utterance. Feed 16 kHz PCM16 with accept(); ask for text with partial()/final()."""
+
+    @abstractmethod
+    def accept(self, pcm16: np.ndarray) -> None:
+        """Append int16 mono samples at the engine's sample_rate."""
+
+    @abstractmethod
+    def partial(self) -> str | None:
+        """Text so far, for engines that stream (None when there is nothing new or the engine cannot)."""
+
+    @abstractmethod
+    def final(self) -> Transcript:
+        """Text for all audio accepted so far. Calling it twice with no new audio returns the cached result,
+        which is how the pipeline decodes speculatively when a pause begins and reuses it at the endpoint."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Drop all audio and decoder state; the stream is ready for the next utterance."""
+
+
+class STTEngine(ABC):
+    name: str
+    sample_rate: int = 16000
+    streaming: bool = False
+
+    @abstractmethod
+    def new_stream(self, language: str | None = None) -> STTStream: ...

@@ -1,0 +1,1 @@
+"""The customer-side SDK: AgentRunner dials out and serves sessions as text."""

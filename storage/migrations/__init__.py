@@ -1,0 +1,1 @@
+"""Alembic migrations for the Speech Pipe schema (run with `speechpipe db upgrade`)."""

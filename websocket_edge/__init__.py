@@ -1,0 +1,1 @@
+"""Web sessions: the client WebSocket edge, the browser SDK and the test page."""
