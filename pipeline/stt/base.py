@@ -42,6 +42,10 @@ class STTStream(ABC):
     def reset(self) -> None:
         """Drop all audio and decoder state; the stream is ready for the next utterance."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
+        """Give pooled decoder state back to the engine when the session ends (idempotent; the stream must
+        not be used afterwards). Engines without pooled state need nothing here."""
+
 
 class STTEngine(ABC):
     name: str

