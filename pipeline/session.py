@@ -1,0 +1,731 @@
+"""One conversation: audio in, turns to the agent, agent speech out, everything recorded and stored.
+
+Transports create a `PipelineSession`, push input audio with `push_audio()` (any chunk size, at the
+session's input rate) and pull 20 ms output frames with `pull_frame()` at their own clock. Nothing here
+knows SIP or HTTP: a transport names its `direction` and optional hooks (transfer, hang-up).
+
+Per input frame (20 ms at 16 kHz, on the event loop): record → VAD → endpointing → STT feed. STT work runs
+in the shared executor, serialised per session; Whisper decodes speculatively when a pause begins and the
+endpoint reuses that result when no speech came in between. Barge-in pauses agent audio at speech onset,
+confirms with words, then cuts (or resumes on noise and backchannels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import agent as msg
+from . import events as ev
+from .agent import AgentGone, AgentLink
+from .audio import FrameChunker, Resampler
+from .config import PipeConfig
+from .recorder import StereoRecorder
+from .speaker import Reply, Speaker
+from .stt.base import STTEngine, Transcript
+from .tts import EspeakTTS
+from .turns import Signal, TurnDetector
+from .vad import make_vad
+
+log = logging.getLogger(__name__)
+
+PROCESS_RATE = 16000  # VAD, STT and the recording run at this rate
+FRAME = PROCESS_RATE // 50
+PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
+STT_BATCH_FRAMES = 5  # hand the STT 100 ms at a time: fewer executor hops
+_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+_HUM = re.compile(r"[mh]+|u?h?m+|u+h+")  # folded hums and fillers: "mmm", "hmm", "mhm", "uhm", "um", "uh"
+
+
+def _fold(word: str) -> str:
+    """Spelling-proof form of a word: letters only, runs collapsed ("Mm-hmm" → "mhm", "okay" stays)."""
+    return re.sub(r"(.)\1+", r"\1", re.sub(r"[^a-z0-9]", "", word))
+
+
+class Engines:
+    """Process-wide engines: models load once and every session shares them."""
+
+    def __init__(self, stt_threads: int | None = None) -> None:
+        self.tts = EspeakTTS()
+        self.executor = ThreadPoolExecutor(max_workers=stt_threads or os.cpu_count() or 2,
+                                           thread_name_prefix="stt")
+
+    def stt(self, config: PipeConfig) -> STTEngine:
+        from .models import get_stt_engine
+
+        return get_stt_engine(config.stt.engine, config.stt.model, config.stt.language)
+
+
+@dataclass
+class SessionInfo:
+    pipe_id: str
+    agent_id: str
+    direction: str  # "inbound_phone" | "web"
+    caller: str | None = None
+    caller_name: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None  # given by the store when the session starts
+
+
+@dataclass
+class _UserTurnRecord:
+    seq: int
+    text: str
+    end_wall: float
+
+
+TransferHook = Callable[[str, str], Awaitable[str | None]]  # (target, mode) -> error code or None
+EndHook = Callable[[str], Awaitable[None]]
+
+
+class PipelineSession:
+    def __init__(self, info: SessionInfo, config: PipeConfig, engines: Engines, *,
+                 input_rate: int = 16000, output_rate: int = 16000, store: Any = None,
+                 recordings_dir: Path | None = None, on_transfer: TransferHook | None = None,
+                 on_end: EndHook | None = None) -> None:
+        self.info = info
+        self.config = config
+        self.engines = engines
+        self.input_rate = input_rate
+        self.output_rate = output_rate
+        self.store = store
+        self.recordings_dir = recordings_dir
+        self.on_transfer = on_transfer
+        self.on_end = on_end
+        self._listeners: list[Callable[[ev.Event], None]] = []
+        self.agent: AgentLink | None = None
+        self.ended = asyncio.Event()
+        self.end_reason: str | None = None
+        self.metrics: dict[str, list[float]] = collections.defaultdict(list)
+
+    # ---- wiring ------------------------------------------------------------------------------------
+    def subscribe(self, listener: Callable[[ev.Event], None]) -> None:
+        """`listener` gets every event, synchronously on the loop: it must not block."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: ev.Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event.type)
+
+    @property
+    def session_id(self) -> str | None:
+        return self.info.session_id
+
+    async def start(self) -> None:
+        """Open the session row and the recording, load the engines, start listening."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        cfg = self.config
+        if self.store is not None:
+            self.info.session_id = await self.store.create_session(
+                pipe_id=self.info.pipe_id, agent_id=self.info.agent_id, direction=self.info.direction,
+                caller=self.info.caller, caller_name=self.info.caller_name, metadata=self.info.metadata)
+        elif self.info.session_id is None:
+            self.info.session_id = f"local_{os.urandom(6).hex()}"
+        self.stt_engine = await loop.run_in_executor(self.engines.executor, self.engines.stt, cfg)
+        self.stt = self.stt_engine.new_stream(cfg.stt.language)
+        self.vad = make_vad(cfg.vad)
+        self.detector = TurnDetector(cfg.endpointing)
+        self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
+        self.recorder: StereoRecorder | None = None
+        if cfg.recording.enabled and self.recordings_dir is not None:
+            self.recorder = StereoRecorder(self.recordings_dir / f"{self.info.session_id}.wav", PROCESS_RATE)
+        self._in_resampler = Resampler(self.input_rate, PROCESS_RATE)
+        self._in_chunker = FrameChunker(PROCESS_RATE)
+        self._out_to_rec = Resampler(self.output_rate, PROCESS_RATE)
+        self._clock = 0  # samples of input processed at PROCESS_RATE (the session clock)
+        self._agent_cursor = 0  # where the next agent sample goes in the recording
+        self._input: asyncio.Queue[tuple[np.ndarray, float] | None] = asyncio.Queue()
+        self._preroll: collections.deque[np.ndarray] = collections.deque(maxlen=PREROLL_FRAMES)
+        self._held_silence: list[np.ndarray] = []  # pause frames not yet given to the STT
+        self._stt_batch: list[np.ndarray] = []
+        self._stt_tail: asyncio.Future[Any] | None = None
+        self._last_partial = ""
+        self._onset_wall = 0.0
+        self._last_voiced_wall = 0.0
+        self._seq = 0  # turns rows, in the order turns end
+        self._turn_ids = 0
+        self._say_ids = 0
+        self._pending_user: list[_UserTurnRecord] = []  # waiting for an agent to attach
+        self._replies: dict[int, Reply] = {}
+        self._reply_text: dict[int, list[str]] = {}
+        self._answering: dict[int, _UserTurnRecord] = {}
+        self._barge: dict[str, Any] | None = None
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._end_after_speech: str | None = None
+        self._last_pull_wall = 0.0
+        self._client_reports = False  # the transport's client reports its own playback (web)
+        self._client_heard: dict[int, float] = {}
+        self._client_stopped: dict[int, asyncio.Event] = {}
+        self._tasks = [loop.create_task(self._input_loop(), name=f"input:{self.session_id}")]
+        self._emit(ev.SessionStarted(self.info.session_id, self.input_rate, self.output_rate,
+                                     self.info.direction))
+        log.info("session %s started: pipe=%s direction=%s stt=%s vad=%s", self.session_id,
+                 self.info.pipe_id, self.info.direction, cfg.stt.engine, cfg.vad.engine)
+
+    async def attach_agent(self, agent: AgentLink) -> None:
+        """Connect the agent and tell it the call started; user turns so far are delivered now."""
+        self.agent = agent
+        await self._to_agent({
+            "type": msg.CALL_STARTED, "session_id": self.session_id, "direction": self.info.direction,
+            "pipe_id": self.info.pipe_id, "agent_id": self.info.agent_id, "caller": self.info.caller,
+            "caller_name": self.info.caller_name, "metadata": self.info.metadata,
+        })
+        self._tasks.append(self._loop.create_task(self._agent_loop(), name=f"agent:{self.session_id}"))
+        for turn in self._pending_user:
+            await self._to_agent({"type": msg.USER_TEXT, "turn_id": turn.seq, "text": turn.text})
+        self._pending_user.clear()
+
+    async def no_agent(self, reason: str = "no_agent") -> None:
+        """No agent can take this session: apologise, then end it."""
+        log.warning("session %s: %s; speaking the apology and ending", self.session_id, reason)
+        self._say(self.config.no_agent_message, interruptible=False)
+        self._end_after_speech = reason
+
+    # ---- transport side ----------------------------------------------------------------------------
+    def push_audio(self, pcm: bytes | np.ndarray) -> None:
+        """Input audio (PCM16 mono at input_rate). Call on the session's loop."""
+        if self.ended.is_set():
+            return
+        if isinstance(pcm, (bytes, bytearray, memoryview)):
+            pcm = np.frombuffer(pcm, np.int16)
+        self._input.put_nowait((pcm, time.monotonic()))
+
+    def pull_frame(self) -> bytes | None:
+        """The next 20 ms of agent audio at output_rate, or None for silence. Safe from any thread."""
+        return self.speaker.pull() if not self.ended.is_set() else None
+
+    def push_text(self, text: str) -> None:
+        """Typed user input: a whole user turn, no audio."""
+        text = text.strip()
+        if text and not self.ended.is_set():
+            self._loop.create_task(self._user_turn(text, self._clock_ms(), self._clock_ms(), typed=True))
+
+    def dtmf(self, digit: str) -> None:
+        self._spawn(self._to_agent({"type": msg.DTMF, "digit": digit}))
+
+    # ---- the frame loop ----------------------------------------------------------------------------
+    def _clock_ms(self) -> int:
+        return self._clock * 1000 // PROCESS_RATE
+
+    async def _input_loop(self) -> None:
+        try:
+            # Checks `ended` too: 3.11's wait_for can swallow a cancel that races its timeout.
+            while not self.ended.is_set():
+                try:
+                    item = await asyncio.wait_for(self._input.get(), 0.05)
+                except TimeoutError:
+                    self._book_playback()  # no input for a while: keep the agent-side books anyway
+                    await self._maybe_end_after_speech()
+                    continue
+                if item is None:
+                    return
+                pcm, wall = item
+                for frame in self._in_chunker.push(self._in_resampler.process(pcm)):
+                    await self._on_frame(frame, wall)
+                await self._maybe_end_after_speech()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session %s: input processing failed", self.session_id)
+            self._spawn(self.end("error"))
+
+    async def _on_frame(self, frame: np.ndarray, wall: float) -> None:
+        self._book_playback()
+        if self.recorder:
+            self.recorder.add_user(frame)
+        self._clock += len(frame)
+        voiced = self.vad.speech_prob(frame) >= self.config.vad.threshold
+        signals = self.detector.process(voiced)
+        if voiced and self.detector.in_utterance:
+            self._last_voiced_wall = wall
+
+        if not self.detector.in_utterance and not signals:
+            self._preroll.append(frame)
+            return
+        for signal in signals:
+            if signal is Signal.SPEECH_START:
+                self._onset_wall = wall - (self.detector.onset_frames - 1) * 0.02
+                self._last_voiced_wall = wall
+                for f in self._preroll:
+                    self._feed_stt(f)
+                self._preroll.clear()
+                self._feed_stt(frame)
+                self._emit(ev.UserSpeechStarted(self.detector.start_ms()))
+                self._barge_onset()
+            elif signal is Signal.RESUME:
+                self._release_held_silence()
+                if self._barge is None:
+                    self._onset_wall = wall
+                    self._barge_onset()
+            elif signal is Signal.PAUSE:
+                # Decode now, speculatively: if no speech comes before the endpoint, the stream's cached
+                # result is the turn's text and the endpoint costs no decode at all. A barge-in candidate
+                # stays paused through the pause: "Stop, I want..." must not make the agent stutter.
+                self._release_held_silence()
+                self._stt_final()
+            elif signal in (Signal.END, Signal.MAX_LENGTH):
+                await self._end_of_utterance(forced=signal is Signal.MAX_LENGTH)
+            elif signal is Signal.DISCARD:
+                self._reset_stt()
+                if self._barge is not None:
+                    self._barge_resume("too short")
+        if self.detector.in_utterance and Signal.SPEECH_START not in signals:
+            if self.detector.state.value == "speaking" and Signal.RESUME not in signals:
+                self._feed_stt(frame)
+            elif self.detector.state.value == "paused":
+                self._held_silence.append(frame)
+            self._barge_check()
+
+    # ---- STT lane: every STT call for this session runs in order in the shared executor --------------
+    def _stt_run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        prev = self._stt_tail
+        executor = self.engines.executor
+
+        async def run() -> Any:
+            if prev is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(prev)
+            return await self._loop.run_in_executor(executor, fn, *args)
+
+        fut = asyncio.ensure_future(run())
+        self._stt_tail = fut
+        return fut
+
+    def _feed_stt(self, frame: np.ndarray) -> None:
+        self._stt_batch.append(frame)
+        if len(self._stt_batch) >= STT_BATCH_FRAMES:
+            self._flush_stt_batch()
+
+    def _flush_stt_batch(self) -> None:
+        if not self._stt_batch:
+            return
+        audio = np.concatenate(self._stt_batch)
+        self._stt_batch = []
+        self._stt_run(self.stt.accept, audio)
+        if self.stt_engine.streaming:
+            self._stt_run(self.stt.partial).add_done_callback(self._on_partial)
+
+    def _on_partial(self, fut: asyncio.Future[str | None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        text = fut.result()
+        if text and text != self._last_partial and self.detector.in_utterance:
+            self._last_partial = text
+            self._emit(ev.UserPartial(text))
+            self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))
+
+    def _release_held_silence(self) -> None:
+        for f in self._held_silence:
+            self._feed_stt(f)
+        self._held_silence.clear()
+
+    def _stt_final(self) -> asyncio.Future[Transcript]:
+        self._flush_stt_batch()
+        return self._stt_run(self.stt.final)
+
+    def _reset_stt(self) -> None:
+        self._stt_batch.clear()
+        self._held_silence.clear()
+        self._last_partial = ""
+        self._stt_run(self.stt.reset)
+
+    # ---- user turns ------------------------------------------------------------------------------------
+    async def _end_of_utterance(self, forced: bool) -> None:
+        start_ms, end_ms = self.detector.start_ms(), self.detector.end_ms()
+        end_wall = self._last_voiced_wall
+        if forced:
+            self._release_held_silence()
+        fut = self._stt_final()  # after a PAUSE with no new speech, the stream answers from its cache
+        self._reset_stt()
+        try:
+            transcript: Transcript = await fut
+        except Exception:
+            log.exception("session %s: STT failed; the utterance is lost", self.session_id)
+            self._barge_resume("stt failed")
+            return
+        text = transcript.text.strip()
+        self.metrics["stt_ms"].append(transcript.compute_s * 1000)
+        b = self._barge
+        if b is not None:
+            # The user spoke over the agent and has finished: a cut only if the words hold up (the same
+            # meaningful word as the last check, or a streaming engine's text); otherwise it was noise or a
+            # backchannel, and the agent carries on as if nothing happened.
+            words = self._meaningful(text)
+            agreed = bool(words & b.get("words", set())) or self.stt_engine.streaming
+            if not (words and (agreed or self.config.barge_in.min_words == 0)):
+                self._barge_resume(f"not an interruption: {text!r}")
+                return
+            self._barge_in(text)
+        if not text:
+            log.info("session %s: utterance %d-%d ms had no words (noise)", self.session_id, start_ms, end_ms)
+            return
+        await self._user_turn(text, start_ms, end_ms, end_wall=end_wall)
+
+    async def _user_turn(self, text: str, start_ms: int, end_ms: int, *, typed: bool = False,
+                         end_wall: float | None = None) -> None:
+        if self.ended.is_set():
+            return
+        if typed and self.speaker.active is not None:
+            self._barge_in(text)
+        self._supersede_unspoken()
+        seq = self._next_seq()
+        turn = _UserTurnRecord(seq, text, end_wall if end_wall is not None else time.monotonic())
+        self._answering[seq] = turn
+        self._emit(ev.UserTurn(seq, text, start_ms, end_ms, typed))
+        self._store("add_turn", self.session_id, seq, "user", text, start_ms, end_ms)
+        log.info("session %s: user turn %d: %r", self.session_id, seq, text)
+        if self.agent is None:
+            self._pending_user.append(turn)
+        else:
+            await self._to_agent({"type": msg.USER_TEXT, "turn_id": seq, "text": text})
+
+    def _supersede_unspoken(self) -> None:
+        """A new user turn replaces answers the user has not started hearing yet."""
+        for turn_id in list(self._answering):
+            reply = self._replies.get(turn_id)
+            if reply is not None and reply.started_at is not None:
+                continue
+            self._answering.pop(turn_id)
+            if reply is not None:
+                self.speaker.cancel(reply)
+                self._finish_reply(reply, interrupted=True)
+            self._spawn(self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": turn_id,
+                                        "heard_text": "", "user_text": ""}))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ---- barge-in ----------------------------------------------------------------------------------
+    def _barge_onset(self) -> None:
+        active = self.speaker.active
+        if active is None or not active.interruptible or not self.config.barge_in.enabled:
+            return
+        self._barge = {"onset_wall": self._onset_wall, "checking": False, "next_check_ms": 0}
+        if active.started_at is not None:
+            self.speaker.paused = True  # stop sending now; words decide later whether this is a cut
+
+    def _barge_check(self) -> None:
+        b = self._barge
+        cfg = self.config.barge_in
+        if b is None or b["checking"] or self.detector.speech_ms < max(cfg.min_speech_ms, b["next_check_ms"]):
+            return
+        if cfg.min_words == 0:
+            self._barge_in("")
+            return
+        b["checking"] = True
+        b["next_check_ms"] = self.detector.speech_ms + 200
+        fut = self._stt_run(self._latest_partial) if self.stt_engine.streaming else self._stt_final()
+        fut.add_done_callback(self._barge_checked)
+
+    def _latest_partial(self) -> str:
+        # A streaming engine's partial() is None when nothing changed: the words are still the last ones.
+        return self.stt.partial() or self._last_partial
+
+    def _barge_checked(self, fut: asyncio.Future[Any]) -> None:
+        b = self._barge
+        if b is None:
+            return
+        b["checking"] = False
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        result = fut.result()
+        text = result.text if isinstance(result, Transcript) else (result or "")
+        # Whisper on a fraction of a word can invent one ("mhm" → "M. A."); a real interruption says the
+        # same word in two checks 200 ms apart, a hallucination rarely does.
+        words = self._meaningful(text)
+        if words and (words & b.get("words", set()) or self.stt_engine.streaming):
+            self._barge_in(text)
+        b["words"] = words
+
+    def _meaningful(self, text: str) -> set[str]:
+        """The words that may cut the agent off: none if there are too few words, or only backchannels
+        ("mm-hmm", "okay") and stray letters."""
+        words = [_fold(w) for w in _WORD.findall(text.lower())]
+        if len(words) < max(self.config.barge_in.min_words, 1):
+            return set()
+        backchannel = {_fold(w) for w in self.config.barge_in.backchannel_words}
+        return {w for w in words
+                if (len(w) > 1 or w == "i") and w not in backchannel and not _HUM.fullmatch(w)}
+
+    def _qualifies(self, text: str) -> bool:
+        return bool(self._meaningful(text))
+
+    def _barge_resume(self, why: str) -> None:
+        if self._barge is None:
+            return
+        log.info("session %s: no barge-in (%s); agent audio resumes", self.session_id, why)
+        self._barge = None
+        self.speaker.paused = False
+
+    def _barge_in(self, user_text: str) -> None:
+        """Cut every live reply: drop queued audio, tell the transport and the agent what was heard."""
+        onset = self._barge["onset_wall"] if self._barge else time.monotonic()
+        self._barge = None
+        cut = self.speaker.cancel_all()
+        self.speaker.paused = False
+        self._emit(ev.Clear())
+        for reply in cut:
+            if reply.started_at is not None:
+                reaction = max(0.0, self._last_pull_wall - onset) * 1000
+                self.metrics["barge_in_ms"].append(reaction)
+                self._emit(ev.Metric("barge_in", {"reaction_ms": reaction}))
+            self._spawn(self._interrupted(reply, user_text))
+        log.info("session %s: barge-in by %r cut %d replies", self.session_id, user_text, len(cut))
+
+    async def _interrupted(self, reply: Reply, user_text: str) -> None:
+        """Book a cut reply. A web client holds up to ~100 ms of audio the server already sent, so when it
+        plays audio itself, wait briefly for its `playback: stopped` report and trust that over our count."""
+        if reply.started_at is not None and self._client_reports and not self.ended.is_set():
+            waiter = self._client_stopped.setdefault(reply.turn_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), 0.3)
+        seconds = self._client_heard.pop(reply.turn_id, None)
+        self._client_stopped.pop(reply.turn_id, None)
+        played = round(seconds * self.output_rate) if seconds is not None else None
+        heard = reply.heard_text(played)
+        self._emit(ev.BargeIn(reply.turn_id, heard, user_text))
+        self._finish_reply(reply, interrupted=True, heard=heard)
+        await self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": reply.turn_id,
+                              "heard_text": heard, "user_text": user_text})
+
+    def client_playback(self, state: str, seconds: float, turn_id: int | None) -> None:
+        """What the client reports it played of a reply (web): `stopped` after a clear, `ended` when done."""
+        self._client_reports = True
+        if turn_id is None or state not in ("stopped", "ended"):
+            return
+        self._client_heard[turn_id] = seconds
+        waiter = self._client_stopped.get(turn_id)
+        if waiter is not None:
+            waiter.set()
+
+    # ---- agent side ------------------------------------------------------------------------------------
+    async def _to_agent(self, message: dict[str, Any]) -> None:
+        if self.agent is None or (self.ended.is_set() and message["type"] != msg.CALL_ENDED):
+            return
+        try:
+            await self.agent.send(message)
+        except AgentGone as exc:
+            self._agent_gone(str(exc))
+
+    def _agent_gone(self, why: str) -> None:
+        if self._end_after_speech or self.ended.is_set():
+            return
+        log.warning("session %s: agent gone (%s)", self.session_id, why)
+        self.agent = None
+        for reply in self.speaker.cancel_all():
+            self._finish_reply(reply, interrupted=True)
+        self._say(self.config.no_agent_message, interruptible=False)
+        self._end_after_speech = "agent_gone"
+
+    async def _agent_loop(self) -> None:
+        agent = self.agent
+        assert agent is not None
+        while not self.ended.is_set():
+            try:
+                message = await agent.recv()
+            except AgentGone as exc:
+                self._agent_gone(str(exc))
+                return
+            try:
+                await self._on_agent_message(message)
+            except Exception:
+                log.exception("session %s: agent message %r failed", self.session_id, message.get("type"))
+                await self._to_agent({"type": msg.ERROR, "code": "bad_message",
+                                      "message": f"could not handle {message.get('type')!r}"})
+
+    async def _on_agent_message(self, m: dict[str, Any]) -> None:
+        kind = m.get("type")
+        if kind == msg.TEXT_DELTA:
+            turn_id = int(m["turn_id"])
+            reply = self._reply_for(turn_id)
+            if reply is not None:
+                self._reply_text[turn_id].append(str(m.get("text", "")))
+                self.speaker.push_text(reply, str(m.get("text", "")))
+        elif kind == msg.TEXT_END:
+            turn_id = int(m["turn_id"])
+            reply = self._replies.get(turn_id)
+            if reply is not None and not reply.cancelled:
+                self.speaker.end_text(reply)
+                self._emit(ev.AgentReply(turn_id, "".join(self._reply_text[turn_id]).strip()))
+        elif kind == msg.SAY:
+            self._say(str(m["text"]), interruptible=bool(m.get("interruptible", True)))
+        elif kind == msg.END_CALL:
+            self._end_after_speech = str(m.get("reason") or "agent_ended")
+        elif kind == msg.TRANSFER:
+            await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
+        elif kind == msg.RECORDING_PAUSE and self.recorder:
+            self.recorder.pause()
+        elif kind == msg.RECORDING_RESUME and self.recorder:
+            self.recorder.resume()
+        else:
+            await self._to_agent({"type": msg.ERROR, "code": "unsupported",
+                                  "message": f"message type {kind!r} is not supported here"})
+
+    def _reply_for(self, turn_id: int) -> Reply | None:
+        reply = self._replies.get(turn_id)
+        if reply is None:
+            if turn_id not in self._answering:  # stale: already cut by barge-in, or never asked
+                return None
+            reply = self.speaker.begin(turn_id)
+            self._replies[turn_id] = reply
+            self._reply_text[turn_id] = []
+        return None if reply.cancelled else reply
+
+    def _say(self, text: str, interruptible: bool = True) -> None:
+        self._say_ids -= 1
+        reply = self.speaker.say(text, self._say_ids, interruptible)
+        self._replies[self._say_ids] = reply
+        self._reply_text[self._say_ids] = [text]
+        self._emit(ev.AgentReply(self._say_ids, text))
+
+    async def _transfer(self, target: str, mode: str) -> None:
+        error = "transfer_unsupported"
+        if self.on_transfer is not None:
+            error = await self.on_transfer(target, mode)
+        if error:
+            await self._to_agent({"type": msg.ERROR, "code": error,
+                                  "message": f"transfer to {target!r} refused"})
+        else:
+            self._end_after_speech = "transferred"
+
+    async def _maybe_end_after_speech(self) -> None:
+        if self._end_after_speech and self.speaker.active is None and not self.ended.is_set():
+            await self.end(self._end_after_speech)
+
+    # ---- playback books ------------------------------------------------------------------------------
+    def _book_playback(self) -> None:
+        for p in self.speaker.take_played():
+            reply = p.reply
+            self._last_pull_wall = p.wall
+            pos = max(self._agent_cursor, self._clock)
+            if reply.started_at is None:
+                reply.started_at = p.wall
+                reply.first_frame_pos = pos
+                self._emit(ev.AgentSpeechStarted(reply.turn_id, pos * 1000 // PROCESS_RATE))
+                turn = self._answering.get(reply.turn_id)
+                if turn is not None:
+                    latency = (p.wall - turn.end_wall) * 1000
+                    self.metrics["response_ms"].append(latency)
+                    values = {"response_latency_ms": latency,
+                              "endpoint_silence_ms": float(self.config.endpointing.silence_ms)}
+                    self._emit(ev.Metric("turn", values))
+                    self._spawn(self._to_agent({"type": msg.METRIC, "turn_id": reply.turn_id, **values}))
+            if self.recorder:
+                pcm = self._out_to_rec.process(np.frombuffer(p.pcm, np.int16))
+                self.recorder.add_agent(pcm, pos)
+                self._agent_cursor = pos + len(pcm)
+            else:
+                self._agent_cursor = pos + FRAME
+            reply.last_frame_pos = self._agent_cursor
+        for reply in list(self.speaker.replies):
+            done = reply.played_all and reply.started_at is not None
+            if done and not reply.cancelled and not reply.finished:
+                self._finish_reply(reply, interrupted=False)
+            elif reply.finished and reply.started_at is None:
+                self.speaker.forget(reply)
+
+    def _finish_reply(self, reply: Reply, *, interrupted: bool, heard: str | None = None) -> None:
+        if reply.finished:
+            return
+        reply.finished = True
+        self.speaker.forget(reply)
+        self._answering.pop(reply.turn_id, None)
+        self._replies.pop(reply.turn_id, None)
+        text = "".join(self._reply_text.pop(reply.turn_id, [])).strip() or reply.text
+        if heard is None:
+            heard = reply.heard_text() if interrupted else text
+        start = (reply.first_frame_pos or self._clock) * 1000 // PROCESS_RATE
+        end = (reply.last_frame_pos or self._clock) * 1000 // PROCESS_RATE
+        if not text:
+            return
+        seq = self._next_seq()
+        self._emit(ev.AgentSpeechDone(reply.turn_id, text, interrupted, heard, start, end))
+        self._store("add_turn", self.session_id, seq, "agent", text, start, end, interrupted, heard)
+        if not interrupted:
+            self._spawn(self._to_agent({"type": msg.AGENT_SPEECH_DONE, "turn_id": reply.turn_id}))
+
+    # ---- storage and tasks -------------------------------------------------------------------------------
+    def _store(self, method: str, *args: Any) -> None:
+        if self.store is not None:
+            self._spawn(getattr(self.store, method)(*args))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: background task failed", self.session_id, exc_info=task.exception())
+
+    # ---- the end -------------------------------------------------------------------------------------
+    async def end(self, reason: str) -> None:
+        """End the session (idempotent): keep every finished turn, finalise the recording, tell everyone."""
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        self.end_reason = reason
+        current = asyncio.current_task()
+        others = [t for t in self._tasks if t is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        self._book_playback()
+        if self.detector.in_utterance and self.detector.speech_ms >= self.config.endpointing.min_speech_ms:
+            # The line dropped mid-sentence: what the user said so far is still a turn.
+            self._release_held_silence()
+            with contextlib.suppress(Exception):
+                t = await asyncio.wait_for(self._stt_final(), 5)
+                if t.text.strip():
+                    seq = self._next_seq()
+                    self._store("add_turn", self.session_id, seq, "user", t.text.strip(),
+                                self.detector.start_ms(), self._clock_ms())
+        for reply in list(self.speaker.replies):
+            self._finish_reply(reply, interrupted=True)
+        await self.speaker.close()
+        self._stt_run(self.stt.close)  # a pooled recognizer goes back now, after any decode in flight
+        if self.recorder is not None:
+            info = self.recorder.close()
+            self._store("add_recording", self.session_id, str(info.path), "wav", info.sample_rate,
+                        info.channels, info.duration_s, info.size_bytes, info.sha256)
+        summary = {k: _summary(v) for k, v in self.metrics.items()}
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        if self.store is not None:
+            await self.store.end_session(self.session_id, reason, metrics=summary)
+        if self.agent is not None:
+            await self._to_agent({"type": msg.CALL_ENDED, "reason": reason})
+            with contextlib.suppress(Exception):
+                await self.agent.close(reason)
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        self._emit(ev.SessionEnded(reason))
+        log.info("session %s ended: %s", self.session_id, reason)
+        if self.on_end is not None:
+            await self.on_end(reason)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {"count": len(arr), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
+            "max": float(arr.max())}
