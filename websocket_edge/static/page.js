@@ -1,0 +1,148 @@
+// The test page: pick a pipe, get a token (typed in, or from the demo endpoint in demo mode), talk.
+// Everything the session reports is also kept in `window.speechpipePage.log` for automated tests.
+import { SpeechPipeSession } from "/sdk/speechpipe.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const page = { session: null, log: [], turns: [] };
+window.speechpipePage = page;
+
+const remembered = JSON.parse(localStorage.getItem("speechpipe.pipes") || "[]");
+for (const id of remembered) $("pipes").append(new Option(id, id));
+$("pipe").value = params.get("pipe") || remembered[0] || "";
+$("token").value = params.get("token") || "";
+
+function setStatus(state) {
+  $("status").textContent = state.replace("_", " ");
+  $("status").dataset.state = state;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function setRunning(running) {
+  $("start").disabled = running;
+  $("stop").disabled = !running;
+  $("mute").disabled = !running;
+  $("text").disabled = !running;
+  document.querySelector("#say button").disabled = !running;
+  $("pipe").disabled = running;
+  $("token").disabled = running;
+}
+
+async function getToken(pipeId) {
+  const typed = $("token").value.trim();
+  if (typed) return { token: typed, pipe_id: pipeId };
+  const resp = await fetch("/v1/demo/token", { method: "POST" });
+  if (resp.status === 404) throw new Error("This server is not in demo mode: paste a session token minted with your API key.");
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error?.message || `demo token: HTTP ${resp.status}`);
+  if (pipeId && pipeId !== body.pipe_id) throw new Error(`The demo endpoint only serves the demo pipe ${body.pipe_id}.`);
+  return body;
+}
+
+function addLine(role, seq, text) {
+  const li = document.createElement("li");
+  li.dataset.role = role;
+  li.dataset.seq = String(seq);
+  li.innerHTML = `<span class="who"></span><span class="text"></span>`;
+  li.querySelector(".who").textContent = role === "user" ? "You" : "Agent";
+  li.querySelector(".text").textContent = text;
+  $("transcript").append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+function latencyRow(turn) {
+  let row = document.querySelector(`#latency tr[data-turn="${turn}"]`);
+  if (!row) {
+    row = document.createElement("tr");
+    row.dataset.turn = String(turn);
+    row.innerHTML = "<td></td><td class='response'>–</td><td class='barge'>–</td><td class='silence'>–</td>";
+    row.cells[0].textContent = String(turn);
+    document.querySelector("#latency tbody").append(row);
+  }
+  return row;
+}
+
+let lastUserSeq = 0;
+
+async function start() {
+  showError("");
+  setRunning(true);
+  try {
+    const pipeInput = $("pipe").value.trim();
+    const { token, pipe_id: pipeId } = await getToken(pipeInput);
+    $("pipe").value = pipeId;
+    if (!remembered.includes(pipeId)) localStorage.setItem("speechpipe.pipes", JSON.stringify([pipeId, ...remembered].slice(0, 10)));
+    const wsUrl = new URL(`/v1/pipes/${encodeURIComponent(pipeId)}/connect`, location.href);
+    const session = new SpeechPipeSession({ url: wsUrl.href, token });
+    page.session = session;
+    const record = (e) => {
+      page.log.push({ t: performance.now(), ...e });
+      if (page.log.length > 20000) page.log.splice(0, 5000);
+    };
+    session.on("event", record);
+    session.on("playback", (e) => record({ ...e, type: "playback" }));
+    session.on("close", (e) => record({ type: "close", ...e }));
+    session.on("state", ({ state }) => setStatus(state));
+    session.on("level", (e) => {
+      if (e.input !== undefined) $("in-level").value = Math.min(1, e.input * 4);
+      if (e.output !== undefined) $("out-level").value = Math.min(1, e.output * 4);
+      if (e.output > 0.005) record({ type: "level", output: e.output }); // when the agent was audible
+    });
+    session.on("user_partial", (e) => { $("partial").textContent = e.text; });
+    session.on("user_turn", (e) => {
+      $("partial").textContent = "";
+      lastUserSeq = e.seq;
+      addLine("user", e.seq, e.text);
+    });
+    session.on("agent_reply", (e) => addLine("agent", e.seq, e.text));
+    session.on("agent.speech_done", (e) => {
+      const li = [...document.querySelectorAll(`#transcript li[data-role="agent"][data-seq="${e.seq}"]`)].pop();
+      if (!li) return;
+      li.dataset.interrupted = String(e.interrupted);
+      if (e.interrupted) {
+        const heard = document.createElement("span");
+        heard.className = "heard";
+        heard.textContent = `heard: “${e.heard_text}”`;
+        li.append(heard);
+      }
+    });
+    session.on("metric", (e) => {
+      const row = latencyRow(lastUserSeq);
+      if (e.name === "turn") {
+        row.querySelector(".response").textContent = Math.round(e.values.response_latency_ms);
+        row.querySelector(".silence").textContent = Math.round(e.values.endpoint_silence_ms ?? 0);
+      } else if (e.name === "barge_in") {
+        row.querySelector(".barge").textContent = Math.round(e.values.reaction_ms);
+      }
+    });
+    session.on("error", (e) => showError(`${e.code}: ${e.message}`));
+    session.on("close", () => setRunning(false));
+    const started = await session.connect();
+    $("session-id").textContent = started.session_id;
+  } catch (err) {
+    showError(err.message || String(err));
+    setRunning(false);
+    setStatus("closed");
+  }
+}
+
+$("start").addEventListener("click", start);
+$("stop").addEventListener("click", () => page.session?.disconnect());
+$("mute").addEventListener("click", () => {
+  const s = page.session;
+  if (!s) return;
+  s.mute(!s.muted);
+  $("mute").setAttribute("aria-pressed", String(s.muted));
+  $("mute").textContent = s.muted ? "Unmute" : "Mute";
+});
+$("say").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("text").value.trim();
+  if (text && page.session) page.session.sendText(text);
+  $("text").value = "";
+});
