@@ -45,13 +45,13 @@ PROCESS_RATE = 16000  # VAD, STT and the recording run at this rate
 FRAME = PROCESS_RATE // 50
 PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
 STT_BATCH_FRAMES = 5  # hand the STT 100 ms at a time: fewer executor hops
-_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+_WORD = re.compile(r"[\w']+(?:-[\w']+)*")  # any script: Korean words count as words too
 _HUM = re.compile(r"[mh]+|u?h?m+|u+h+")  # folded hums and fillers: "mmm", "hmm", "mhm", "uhm", "um", "uh"
 
 
 def _fold(word: str) -> str:
     """Spelling-proof form of a word: letters only, runs collapsed ("Mm-hmm" → "mhm", "okay" stays)."""
-    return re.sub(r"(.)\1+", r"\1", re.sub(r"[^a-z0-9]", "", word))
+    return re.sub(r"(.)\1+", r"\1", re.sub(r"[\W_]", "", word))
 
 
 class Engines:
@@ -353,6 +353,7 @@ class PipelineSession:
             self._release_held_silence()
         fut = self._stt_final()  # after a PAUSE with no new speech, the stream answers from its cache
         self._reset_stt()
+        endpoint_wall = time.monotonic()
         try:
             transcript: Transcript = await fut
         except Exception:
@@ -360,7 +361,11 @@ class PipelineSession:
             self._barge_resume("stt failed")
             return
         text = transcript.text.strip()
+        final_ms = (time.monotonic() - endpoint_wall) * 1000  # endpoint decision → final text
         self.metrics["stt_ms"].append(transcript.compute_s * 1000)
+        self.metrics["final_ms"].append(final_ms)
+        self._emit(ev.Metric("stt", {"final_ms": final_ms, "compute_ms": transcript.compute_s * 1000,
+                                     "audio_s": transcript.audio_s}))
         b = self._barge
         if b is not None:
             # The user spoke over the agent and has finished: a cut only if the words hold up (the same
