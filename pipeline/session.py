@@ -688,6 +688,7 @@ class PipelineSession:
             return
         self.ended.set()
         self.end_reason = reason
+        self._input.put_nowait(None)  # the input loop's own way out, whatever happens to the cancel
         current = asyncio.current_task()
         others = [t for t in self._tasks if t is not current]
         for task in others:
