@@ -109,22 +109,64 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | None) -> None:
+    import secrets
+
     from aiohttp import web
 
+    from speechpipe.pipeline.session import Engines
+    from speechpipe.websocket_edge.agent_relay import setup_agent_relay
+    from speechpipe.websocket_edge.app import SIP_HEALTH_KEY
+    from speechpipe.websocket_edge.client_ws import ENGINES_KEY
+
+    engines = Engines()
+    app[ENGINES_KEY] = engines
+    internal_secret = secrets.token_urlsafe(32)  # lets this server's own SIP workers use the agent relay
+    setup_agent_relay(app, internal_secret)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
+    base = _base_urls(runner.addresses)[0]
+    loop = asyncio.get_running_loop()
+    # Load the default STT model now, off the loop, so the first caller does not wait for it.
+    warmup = loop.run_in_executor(engines.executor, engines.stt, _default_pipe_config())
+    sip = demo_agent = None
     try:
+        if settings.sip_workers > 0:
+            from speechpipe.telephony.supervisor import SipSupervisor
+
+            sip = SipSupervisor.from_settings(
+                settings, agent_factory="speechpipe.websocket_edge.agent_relay:relay_agent",
+                env={"SPEECHPIPE_INTERNAL_URL": base, "SPEECHPIPE_INTERNAL_SECRET": internal_secret})
+            app[SIP_HEALTH_KEY] = sip.health
+            await sip.start(wait_ready_s=None)  # workers load their models in the background
+        if demo is not None:
+            from speechpipe.demo_agent import demo_runner
+
+            demo_agent = demo_runner(base, demo.api_key, demo.agent_id)
+            await demo_agent.start(timeout_s=10)
         _print_banner(settings, store, runner.addresses, demo)
+        if sip is not None:
+            ports = ", ".join(str(settings.sip_port_base + i) for i in range(settings.sip_workers))
+            print(f"  SIP media workers: {settings.sip_workers} on UDP ports {ports}", flush=True)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("shutting down", flush=True)
     finally:
+        if demo_agent is not None:
+            await demo_agent.shutdown(timeout_s=5)
+        if sip is not None:
+            await sip.stop()
         await runner.cleanup()
+        warmup.cancel()
+
+
+def _default_pipe_config() -> Any:
+    from speechpipe.pipeline.config import PipeConfig
+
+    return PipeConfig(agent_id="warmup")
 
 
 def _base_urls(addresses: list[Any]) -> list[str]:
@@ -158,7 +200,6 @@ def _print_banner(settings: Settings, store: Store, addresses: list[Any], demo: 
             f"    agent channel:     {ws}/v1/agents/connect",
             f"    test page:         {base}/",
             f"    health:            {base}/healthz",
-            f"    metrics:           {base}/metrics",
         ]
     if demo is not None:
         lines += [

@@ -32,7 +32,7 @@ class Settings:
     redis_url: str | None = None
     # None means `<data_dir>/models`; see `models_path`.
     models_dir: Path | None = None
-    sip_workers: int = 1
+    sip_workers: int = 0
     sip_port_base: int = 5080
     # Browser origins allowed to open the client WebSocket; empty = same origin only.
     allowed_origins: tuple[str, ...] = ()

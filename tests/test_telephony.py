@@ -435,6 +435,8 @@ async def test_sigkill_mid_call_restarts_the_worker_and_keeps_what_finished(
         store.close()
 
 
-def test_settings_defaults_give_one_worker_per_port() -> None:
+def test_settings_defaults_run_no_worker_until_asked() -> None:
+    # A fresh `serve` binds no SIP port; SPEECHPIPE_SIP_WORKERS=N starts N workers from the base port up.
     s = Settings.from_env({})
-    assert (s.sip_workers, s.sip_port_base) == (1, 5080)
+    assert (s.sip_workers, s.sip_port_base) == (0, 5080)
+    assert Settings.from_env({"SPEECHPIPE_SIP_WORKERS": "2"}).sip_workers == 2

@@ -31,6 +31,8 @@ SETTINGS_KEY = web.AppKey("speechpipe.settings", Settings)
 STORE_KEY = web.AppKey("speechpipe.store", AsyncStore)
 SYNC_STORE_KEY = web.AppKey("speechpipe.sync_store", Store)
 DEMO_KEY = web.AppKey("speechpipe.demo", DemoInfo)
+# A callable returning the SIP supervisor's health (set by `serve` when it runs media workers).
+SIP_HEALTH_KEY = web.AppKey("speechpipe.sip_health", object)
 
 _CODE_BY_STATUS = {
     400: Code.INVALID_JSON,
@@ -45,14 +47,17 @@ _CODE_BY_STATUS = {
 
 def default_route_groups() -> list[RouteGroup]:
     """Every route group `speechpipe serve` mounts, in order. Append new groups here."""
-    from speechpipe.websocket_edge.rest import setup_rest  # rest imports this module's keys
+    # These modules import this one's keys, so they load here.
+    from speechpipe.websocket_edge.agent_channel import setup_agent_channel
+    from speechpipe.websocket_edge.client_ws import setup_client_ws
+    from speechpipe.websocket_edge.rest import setup_rest
+    from speechpipe.websocket_edge.static_routes import setup_test_page
 
     return [
-        setup_rest,
-        # setup_client_ws,       /v1/pipes/{pipe_id}/connect   (websocket_edge)
-        # setup_agent_channel,   /v1/agents/connect            (agent channel)
-        # setup_test_page,       /  and the web SDK            (websocket_edge)
-        # setup_metrics,         /metrics
+        setup_rest,  # /v1 REST, /healthz, /v1/openapi.json
+        setup_agent_channel,  # /v1/agents/connect, /v1/agents/bridge/{session_id}
+        setup_client_ws,  # /v1/pipes/{pipe_id}/connect
+        setup_test_page,  # /, /sdk/speechpipe.js
     ]
 
 
@@ -71,7 +76,17 @@ def create_app(settings: Settings, store: Store, *, route_groups: Sequence[Route
     app.on_cleanup.append(_close_async_store)
     for setup in default_route_groups() if route_groups is None else route_groups:
         setup(app)
+    _connect_sessions_to_agents(app)
     return app
+
+
+def _connect_sessions_to_agents(app: web.Application) -> None:
+    """Web sessions get their agent from the hub when both the client edge and the agent channel run."""
+    from speechpipe.websocket_edge.agent_channel import HUB_KEY
+    from speechpipe.websocket_edge.client_ws import AGENT_FACTORY_KEY
+
+    if HUB_KEY in app and AGENT_FACTORY_KEY not in app:
+        app[AGENT_FACTORY_KEY] = app[HUB_KEY].dispatch
 
 
 async def _close_async_store(app: web.Application) -> None:

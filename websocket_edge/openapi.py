@@ -159,6 +159,8 @@ class Health(_Out):
     status: Literal["ok", "error"]
     version: str
     database: str
+    # SIP media workers (when serve supervises any): per-worker state, live calls and capacity.
+    sip: dict[str, Any] | None = None
 
 
 class ListPipesQuery(_In):

@@ -31,7 +31,7 @@ from speechpipe.storage import records
 from speechpipe.storage.credentials import is_id_shaped
 from speechpipe.storage.store import UNSET, check_storable, pydantic_details
 from speechpipe.websocket_edge import openapi as api
-from speechpipe.websocket_edge.app import DEMO_KEY, SETTINGS_KEY, STORE_KEY
+from speechpipe.websocket_edge.app import DEMO_KEY, SETTINGS_KEY, SIP_HEALTH_KEY, STORE_KEY
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 MAX_JSON_DEPTH = 32
@@ -179,7 +179,11 @@ async def healthz(request: web.Request) -> web.Response:
     except Exception as exc:  # any driver error means "not healthy", reported, not raised
         body = api.Health(status="error", version=api.API_VERSION, database=type(exc).__name__)
         return _json(body, status=503)
-    return _json(api.Health(status="ok", version=api.API_VERSION, database="ok"))
+    sip = request.app.get(SIP_HEALTH_KEY)
+    sip_health = sip() if sip is not None else None
+    status = "ok" if sip_health is None or sip_health.get("ok") else "error"
+    return _json(api.Health(status=status, version=api.API_VERSION, database="ok", sip=sip_health),
+                 status=200 if status == "ok" else 503)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

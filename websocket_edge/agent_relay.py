@@ -1,0 +1,174 @@
+"""The agent relay: sessions held by another local process (the SIP media workers) reach the AgentHub.
+
+A worker opens `GET /v1/internal/agents/relay` with the serve process's internal secret, names its session
+in a `dispatch` frame, and the hub dispatches it like any web session. From then on the socket carries the
+same text messages as `pipeline.agent.AgentLink`, both ways: the worker's session speaks to the runner
+through this process. Either side closing ends the other: a lost runner becomes `agent_gone` for the
+worker (its caller hears the apology), a lost worker ends the runner's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from speechpipe.pipeline.agent import AgentGone, AgentLink
+
+from .agent_channel import HUB_KEY
+from .dispatch import NoAgentAvailable
+
+log = logging.getLogger(__name__)
+
+RELAY_PATH = "/v1/internal/agents/relay"
+SECRET_KEY = web.AppKey("speechpipe.internal_secret", str)
+
+
+@dataclass
+class _Info:
+    pipe_id: str
+    agent_id: str
+    direction: str
+    caller: str | None = None
+    caller_name: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+
+
+class RemoteSession:
+    """What the hub needs of a session that lives in another process."""
+
+    def __init__(self, info: _Info) -> None:
+        self.info = info
+        self.session_id = info.session_id
+        self.ended = asyncio.Event()
+
+
+def setup_agent_relay(app: web.Application, secret: str) -> None:
+    app[SECRET_KEY] = secret
+    app.router.add_get(RELAY_PATH, relay_socket)
+
+
+async def relay_socket(request: web.Request) -> web.StreamResponse:
+    secret = request.app[SECRET_KEY]
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+        raise web.HTTPUnauthorized(text="the relay is for this server's own media workers")
+    ws = web.WebSocketResponse(heartbeat=15)
+    await ws.prepare(request)
+    try:
+        first = await ws.receive_json(timeout=10)
+        info = _Info(**{k: first[k] for k in _Info.__dataclass_fields__ if k in first})
+    except Exception as exc:
+        await ws.send_json({"type": "error", "code": "bad_dispatch", "message": str(exc)[:200]})
+        await ws.close()
+        return ws
+    session = RemoteSession(info)
+    try:
+        link = await request.app[HUB_KEY].dispatch(session)
+    except NoAgentAvailable as exc:
+        await ws.send_json({"type": "no_agent", "reason": exc.reason})
+        await ws.close()
+        return ws
+    await ws.send_json({"type": "dispatched"})
+    log.info("relay: session %s (%s) dispatched to agent %s", info.session_id, info.direction, info.agent_id)
+
+    async def agent_to_worker() -> None:
+        while True:
+            try:
+                message = await link.recv()
+            except AgentGone as exc:
+                await ws.send_json({"type": "agent_gone", "reason": str(exc)})
+                return
+            await ws.send_json({"type": "agent", "message": message})
+
+    pump = asyncio.ensure_future(agent_to_worker())
+    try:
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                break
+            frame = msg.json()
+            if frame.get("type") == "platform":
+                try:
+                    await link.send(frame["message"])
+                except AgentGone:
+                    break
+    finally:
+        session.ended.set()
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+        with contextlib.suppress(Exception):
+            await link.close("worker_gone" if not ws.closed else "session_ended")
+        await ws.close()
+    return ws
+
+
+class RelayAgentLink(AgentLink):
+    """The worker's side: an AgentLink whose other end is the hub in the serve process."""
+
+    def __init__(self, ws: Any, http: Any) -> None:
+        self._ws = ws
+        self._http = http
+
+    @classmethod
+    async def open(cls, url: str, secret: str, session: Any) -> RelayAgentLink | None:
+        """Dispatch `session` through the serve process at `url`; None when no agent takes it."""
+        import aiohttp
+
+        http = aiohttp.ClientSession()
+        try:
+            ws = await http.ws_connect(url.rstrip("/") + RELAY_PATH, heartbeat=15,
+                                       headers={"Authorization": f"Bearer {secret}"})
+            info = session.info
+            await ws.send_json({"type": "dispatch", "session_id": session.session_id, "pipe_id": info.pipe_id,
+                                "agent_id": info.agent_id, "direction": info.direction, "caller": info.caller,
+                                "caller_name": info.caller_name, "metadata": info.metadata})
+            answer = await ws.receive_json(timeout=30)
+        except Exception:
+            await http.close()
+            log.exception("relay: cannot reach the agent hub at %s", url)
+            return None
+        if answer.get("type") != "dispatched":
+            log.warning("relay: no agent for session %s: %s", session.session_id, answer.get("reason"))
+            await ws.close()
+            await http.close()
+            return None
+        return cls(ws, http)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._ws.closed:
+            raise AgentGone("relay closed")
+        try:
+            await self._ws.send_json({"type": "platform", "message": message})
+        except ConnectionError as exc:
+            raise AgentGone(f"relay lost: {exc}") from exc
+
+    async def recv(self) -> dict[str, Any]:
+        msg = await self._ws.receive()
+        if msg.type is not WSMsgType.TEXT:
+            raise AgentGone("relay closed")
+        frame = msg.json()
+        if frame.get("type") == "agent":
+            return frame["message"]
+        raise AgentGone(str(frame.get("reason") or frame.get("type")))
+
+    async def close(self, reason: str) -> None:
+        await self._ws.close()
+        await self._http.close()
+
+
+async def relay_agent(session: Any) -> AgentLink | None:
+    """Agent factory for the SIP workers (`SPEECHPIPE_SIP_AGENT_FACTORY`): dispatch through serve's hub."""
+    import os
+
+    url, secret = os.environ.get("SPEECHPIPE_INTERNAL_URL"), os.environ.get("SPEECHPIPE_INTERNAL_SECRET")
+    if not url or not secret:
+        log.error("relay: SPEECHPIPE_INTERNAL_URL/SECRET not set; this worker was not started by serve")
+        return None
+    return await RelayAgentLink.open(url, secret, session)
