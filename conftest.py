@@ -3,4 +3,8 @@
 pytest_plugins = [
     "tests.fixtures_db",
     "tests.fixtures_speech",
+    "tests.fixtures_pipeline",
+    "tests.fixtures_web",
+    "tests.fixtures_agents",
+    "tests.fixtures_sip",
 ]

@@ -35,6 +35,7 @@ END_CALL = "agent.end_call"
 DISPATCH = "agent.dispatch"
 RECORDING_PAUSE = "recording.pause"
 RECORDING_RESUME = "recording.resume"
+INTERRUPT = "agent.interrupt"
 
 
 class AgentGone(Exception):

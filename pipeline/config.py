@@ -75,6 +75,8 @@ class PipeConfig(_Strict):
     no_agent_message: str = Field(
         "Sorry, no agent is available right now. Please try again later.", max_length=1000
     )
+    # Tell the agent (`silence` event) when neither side has spoken for this long; None = never.
+    silence_timeout_s: float | None = Field(None, ge=0.5, le=3600)
     # SIP transfer targets the agent may REFER a phone caller to (exact URIs or user parts).
     transfer_targets: list[str] = Field(default_factory=list, max_length=100)
     # Phone: the dialled user part (Request-URI) that reaches this pipe, e.g. "2000".

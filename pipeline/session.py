@@ -169,6 +169,7 @@ class PipelineSession:
         self._writes: set[asyncio.Task[Any]] = set()
         self._end_after_speech: str | None = None
         self._last_pull_wall = 0.0
+        self._quiet_since = time.monotonic()  # neither side has spoken since (for the `silence` event)
         self._client_reports = False  # the transport's client reports its own playback (web)
         self._client_heard: dict[int, float] = {}
         self._client_stopped: dict[int, asyncio.Event] = {}
@@ -232,6 +233,7 @@ class PipelineSession:
                 except TimeoutError:
                     self._book_playback()  # no input for a while: keep the agent-side books anyway
                     await self._maybe_end_after_speech()
+                    self._check_silence()
                     continue
                 if item is None:
                     return
@@ -239,6 +241,7 @@ class PipelineSession:
                 for frame in self._in_chunker.push(self._in_resampler.process(pcm)):
                     await self._on_frame(frame, wall)
                 await self._maybe_end_after_speech()
+                self._check_silence()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -291,6 +294,18 @@ class PipelineSession:
             elif self.detector.state.value == "paused":
                 self._held_silence.append(frame)
             self._barge_check()
+
+    def _check_silence(self) -> None:
+        """Tell the agent when nobody has spoken for `silence_timeout_s` (then start counting again)."""
+        timeout = self.config.silence_timeout_s
+        if timeout is None or self.agent is None:
+            return
+        now = time.monotonic()
+        if self.detector.in_utterance or self.speaker.active is not None or self._answering:
+            self._quiet_since = now
+        elif now - self._quiet_since >= timeout:
+            self._spawn(self._to_agent({"type": msg.SILENCE, "seconds": round(now - self._quiet_since, 2)}))
+            self._quiet_since = now
 
     # ---- STT lane: every STT call for this session runs in order in the shared executor --------------
     def _stt_run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -575,6 +590,14 @@ class PipelineSession:
             self._end_after_speech = str(m.get("reason") or "agent_ended")
         elif kind == msg.TRANSFER:
             await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
+        elif kind == msg.INTERRUPT:
+            self._barge = None
+            cut = self.speaker.cancel_all()
+            self.speaker.paused = False
+            if cut:
+                self._emit(ev.Clear())
+            for reply in cut:
+                self._finish_reply(reply, interrupted=True)
         elif kind == msg.RECORDING_PAUSE and self.recorder:
             self.recorder.pause()
         elif kind == msg.RECORDING_RESUME and self.recorder:
@@ -664,7 +687,8 @@ class PipelineSession:
         self._emit(ev.AgentSpeechDone(reply.turn_id, text, interrupted, heard, start, end))
         self._store("add_turn", self.session_id, seq, "agent", text, start, end, interrupted, heard)
         if not interrupted:
-            self._spawn(self._to_agent({"type": msg.AGENT_SPEECH_DONE, "turn_id": reply.turn_id}))
+            self._spawn(self._to_agent({"type": msg.AGENT_SPEECH_DONE, "turn_id": reply.turn_id,
+                                        "text": text}))
 
     # ---- storage and tasks -------------------------------------------------------------------------------
     def _store(self, method: str, *args: Any) -> None:

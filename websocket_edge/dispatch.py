@@ -1,0 +1,448 @@
+"""`AgentHub`: the registry of connected runners and the dispatch of sessions to them.
+
+Runners register per `agent_id` with a capacity over the control socket. `dispatch()` offers a session to
+the least-loaded runner of its agent_id (`job.assign`), waits for `job.ack` up to the ack deadline, and on a
+rejection or a late/missing ack offers it to the next runner; once a runner accepts and its bridge socket
+says `hello`, the session gets a `BridgeLink`. Load counts a job from the moment it is offered, so
+concurrent dispatches never over-fill a runner. Dead runners are found two ways: their control socket
+closes, or their heartbeats stop (then their calls fail at once: a frozen process cannot redial).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from speechpipe.errors import AuthenticationError, Code
+from speechpipe.runner import protocol as p
+
+from .agent_bridge import Bridge, BridgeLink, _close, _send
+
+log = logging.getLogger(__name__)
+
+
+class NoAgentAvailable(Exception):
+    """No runner took the session. `reason` is recorded as the session's end reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class RunnerConn:
+    runner_id: str
+    key_id: str
+    worker_id: str
+    agent_id: str
+    capacity: int
+    bridge_base: str
+    order: int
+    ws: web.WebSocketResponse | None = None
+    pid: int | None = None
+    sdk: str | None = None
+    jobs: dict[str, Job] = field(default_factory=dict)
+    reported_active: int = 0
+    draining: bool = False
+    alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    missed_acks: int = 0
+    assigned_total: int = 0
+
+    @property
+    def load(self) -> int:
+        # The runner's own count covers calls we cannot see (e.g. taken from another serve node).
+        return max(len(self.jobs), self.reported_active)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"runner_id": self.runner_id, "worker_id": self.worker_id, "agent_id": self.agent_id,
+                "capacity": self.capacity, "load": self.load, "draining": self.draining, "alive": self.alive,
+                "pid": self.pid, "sdk": self.sdk, "assigned_total": self.assigned_total,
+                "missed_acks": self.missed_acks}
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    session_id: str
+    agent_id: str
+    runner: RunnerConn
+    token: str
+    ack: asyncio.Future[tuple[bool, str | None]]
+    bridge: Bridge | None = None
+    released: bool = False
+
+
+Authenticate = Callable[[str], Awaitable[str] | str]  # secret -> API key id; raises AuthenticationError
+
+
+class AgentHub:
+    def __init__(self, store: Any = None, *, authenticate: Authenticate | None = None,
+                 heartbeat_interval_s: float = 5.0, heartbeat_timeout_s: float | None = None,
+                 ack_timeout_s: float = 2.0, hello_timeout_s: float = 5.0, dispatch_timeout_s: float = 10.0,
+                 bridge_grace_s: float = 10.0, orphan_grace_s: float = 0.5, bridge_ping_s: float = 10.0,
+                 public_url: str | None = None,
+                 max_errors: int = 100, verbs: tuple[str, ...] | None = None) -> None:
+        """`store` (Store or AsyncStore) checks runners' API keys, unless `authenticate` is given.
+
+        bridge_grace_s: how long a dropped bridge may take to redial while its runner is connected;
+        orphan_grace_s: the same once the runner's control socket is gone too (a crash, most likely).
+        bridge_ping_s: WebSocket ping interval on bridges (a pong must come within half of it).
+        public_url: base URL runners reach this node at (default: the host they dialled the control on).
+        """
+        if store is None and authenticate is None:
+            raise ValueError("AgentHub needs a store or an authenticate callable to check runners' keys")
+        self.store = store
+        self._authenticate = authenticate
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s or 3 * heartbeat_interval_s
+        self.ack_timeout_s = ack_timeout_s
+        self.hello_timeout_s = hello_timeout_s
+        self.dispatch_timeout_s = dispatch_timeout_s
+        self.bridge_grace_s = bridge_grace_s
+        self.orphan_grace_s = orphan_grace_s
+        self.bridge_ping_s = bridge_ping_s
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.max_errors = max_errors
+        self.verbs = verbs if verbs is not None else session_verbs()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._runners: dict[str, RunnerConn] = {}
+        self._by_worker: dict[tuple[str, str], RunnerConn] = {}
+        self._jobs: dict[str, Job] = {}
+        self._tokens: dict[str, Bridge] = {}
+        self._expired: collections.OrderedDict[str, RunnerConn] = collections.OrderedDict()
+        self._order = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # ---- runners ------------------------------------------------------------------------------------
+    async def authenticate(self, secret: str | None) -> str:
+        if not secret:
+            raise AuthenticationError("an API key is required (Authorization: Bearer <key>)",
+                                      code=Code.UNAUTHORIZED)
+        if self._authenticate is not None:
+            result = self._authenticate(secret)
+            return await result if inspect.isawaitable(result) else result
+        verify = self.store.verify_api_key
+        if inspect.iscoroutinefunction(verify):
+            key = await verify(secret)
+        else:
+            key = await asyncio.get_running_loop().run_in_executor(None, verify, secret)
+        return key.id
+
+    def register(self, ws: web.WebSocketResponse, frame: dict[str, Any], key_id: str,
+                 bridge_base: str) -> RunnerConn:
+        self._ensure_heartbeat()
+        worker_id = frame.get("worker_id") or f"w_{secrets.token_hex(6)}"
+        runner = self._by_worker.get((key_id, worker_id))
+        if runner is not None:
+            old = runner.ws
+            if old is not None and old is not ws and not old.closed:
+                self.spawn(_close(old, p.CLOSE_REPLACED, "this worker registered again"))
+            self.counters["runner_reconnects"] += 1
+        else:
+            self._order += 1
+            runner = RunnerConn(runner_id=f"run_{secrets.token_hex(8)}", key_id=key_id, worker_id=worker_id,
+                                agent_id=frame["agent_id"], capacity=frame["capacity"],
+                                bridge_base=bridge_base, order=self._order)
+            self._by_worker[(key_id, worker_id)] = runner
+            self._runners[runner.runner_id] = runner
+        runner.ws = ws
+        runner.agent_id = frame["agent_id"]
+        runner.capacity = frame["capacity"]
+        runner.bridge_base = bridge_base
+        runner.pid = frame.get("pid")
+        runner.sdk = frame.get("sdk")
+        runner.reported_active = frame.get("active") or 0
+        runner.draining = False
+        runner.alive = True
+        runner.last_seen = time.monotonic()
+        for job in runner.jobs.values():  # calls waiting for a redial get the long grace again
+            if job.bridge is not None:
+                job.bridge.arm_grace()
+        self.counters["runners_registered"] += 1
+        log.info("runner %s registered: agent=%s capacity=%d worker=%s pid=%s", runner.runner_id,
+                 runner.agent_id, runner.capacity, worker_id, runner.pid)
+        return runner
+
+    def registered_frame(self, runner: RunnerConn) -> dict[str, Any]:
+        return {"type": p.REGISTERED, "runner_id": runner.runner_id, "protocol": p.PROTOCOL_VERSION,
+                "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
+                "heartbeat_timeout_ms": int(self.heartbeat_timeout_s * 1000)}
+
+    async def on_control_frame(self, runner: RunnerConn, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """One validated frame from a registered runner; returns an error frame to answer with, if any."""
+        runner.last_seen = time.monotonic()
+        kind = frame["type"]
+        if kind == p.HEARTBEAT:
+            if "active" in frame:
+                runner.reported_active = frame["active"]
+        elif kind == p.JOB_ACK:
+            return self._on_ack(runner, frame)
+        elif kind == p.DRAIN:
+            if not runner.draining:
+                runner.draining = True
+                self.counters["runners_drained"] += 1
+                log.info("runner %s drains: no new jobs (%d live)", runner.runner_id, runner.load)
+        elif kind == p.REGISTER:
+            return p.error_frame(p.Codes.OUT_OF_ORDER, "already registered on this socket")
+        return None
+
+    def _on_ack(self, runner: RunnerConn, frame: dict[str, Any]) -> dict[str, Any] | None:
+        job_id = frame["job_id"]
+        job = self._jobs.get(job_id)
+        if job is None or job.runner is not runner:
+            if self._expired.get(job_id) is runner:
+                self.counters["acks_late"] += 1
+                if frame["accepted"]:  # too late: tell the runner to drop it (the token is dead already)
+                    return {"type": p.JOB_CANCEL, "job_id": job_id, "reason": "ack_late"}
+                return None
+            return p.error_frame(p.Codes.UNKNOWN_JOB, f"no job {job_id[:64]!r} is waiting for your ack")
+        if job.ack.done():
+            return p.error_frame(p.Codes.OUT_OF_ORDER, f"job {job_id} was already acknowledged")
+        job.ack.set_result((frame["accepted"], frame.get("reason")))
+        return None
+
+    def runner_lost(self, runner: RunnerConn, reason: str) -> None:
+        """The runner's control socket is gone (closed, or silent past the heartbeat timeout)."""
+        if not runner.alive:
+            return
+        runner.alive = False
+        runner.ws = None
+        self.counters[f"runners_lost_{reason}"] += 1
+        log.warning("runner %s (%s, worker %s) lost: %s; %d calls", runner.runner_id, runner.agent_id,
+                    runner.worker_id, reason, len(runner.jobs))
+        for job in list(runner.jobs.values()):
+            if not job.ack.done():
+                job.ack.set_result((False, "runner_lost"))
+            elif job.bridge is not None:
+                if reason == "heartbeat_timeout" or not job.bridge.ready.is_set():
+                    job.bridge.fail("runner_lost")  # a silent process will not redial
+                elif not job.bridge.attached:
+                    job.bridge.arm_grace()  # now the short, orphan grace
+        self._forget_if_idle(runner)
+
+    def _forget_if_idle(self, runner: RunnerConn) -> None:
+        if not runner.alive and not runner.jobs:
+            self._runners.pop(runner.runner_id, None)
+            if self._by_worker.get((runner.key_id, runner.worker_id)) is runner:
+                del self._by_worker[(runner.key_id, runner.worker_id)]
+
+    # ---- heartbeats -----------------------------------------------------------------------------------
+    def _ensure_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(),
+                                                                     name="agent-heartbeats")
+
+    async def _heartbeats(self) -> None:
+        beat = {"type": p.HEARTBEAT}
+        while not self.closed:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            now = time.monotonic()
+            sends = []
+            for runner in list(self._runners.values()):
+                ws = runner.ws
+                if not runner.alive or ws is None:
+                    continue
+                if now - runner.last_seen > self.heartbeat_timeout_s:
+                    self.runner_lost(runner, "heartbeat_timeout")
+                    self.spawn(_close(ws, p.CLOSE_HEARTBEAT, "no heartbeat"))
+                    continue
+                sends.append(_send(ws, beat))
+            if sends:  # all at once: one runner with a full socket buffer does not delay the others
+                await asyncio.gather(*sends)
+
+    # ---- dispatch ---------------------------------------------------------------------------------------
+    async def attach(self, session: Any, agent_id: str | None = None, within_s: float | None = None) -> bool:
+        """Give `session` (a started PipelineSession) an agent, or make it apologise and end. The one call
+        transports need: True if a runner took the session."""
+        try:
+            link = await self.dispatch(session, agent_id, within_s)
+        except NoAgentAvailable as exc:
+            self.counters[f"no_agent_{exc.reason}"] += 1
+            if not _session_over(session):
+                await session.no_agent(exc.reason)
+            return False
+        if _session_over(session):
+            await link.close("session_ended")
+            return False
+        await session.attach_agent(link)
+        return True
+
+    async def dispatch(self, session: Any, agent_id: str | None = None,
+                       within_s: float | None = None) -> BridgeLink:
+        """An `AgentLink` to a runner of `agent_id` (default: the session's) that accepted the session and
+        whose bridge said hello. Raises NoAgentAvailable (reason: no_runner, at_capacity, ack_timeout,
+        rejected reasons, bridge_timeout, runner_lost, session_ended)."""
+        bridge = await self.offer(session, agent_id or session.info.agent_id, within_s)
+        link = BridgeLink(self, session, bridge)
+        for message in bridge.take_early():
+            link.deliver(message)
+        self.counters["dispatched"] += 1
+        return link
+
+    async def offer(self, session: Any, agent_id: str, within_s: float | None = None) -> Bridge:
+        """Offer the session to runners of `agent_id`, least loaded first, until one accepts and dials."""
+        session_id = str(session.session_id)
+        deadline = time.monotonic() + (within_s if within_s is not None else self.dispatch_timeout_s)
+        tried: set[str] = set()
+        reason: str | None = None
+        while True:
+            if _session_over(session):
+                raise NoAgentAvailable("session_ended")
+            pool = [r for r in self._runners.values() if r.agent_id == agent_id and r.alive]
+            untried = [r for r in pool if not r.draining and r.runner_id not in tried]
+            free = [r for r in untried if r.load < r.capacity]
+            remaining = deadline - time.monotonic()
+            if not free or remaining <= 0:
+                if untried and remaining > 0:
+                    reason = "at_capacity"
+                raise NoAgentAvailable(reason or ("no_runner" if remaining > 0 else "dispatch_timeout"))
+            runner = min(free, key=lambda r: (r.load / r.capacity, r.load, r.missed_acks, r.assigned_total,
+                                              r.order))
+            tried.add(runner.runner_id)
+            job = self._new_job(session_id, agent_id, runner)
+            outcome = await self._try(job, session, min(self.ack_timeout_s, remaining), deadline)
+            if outcome is None:
+                assert job.bridge is not None
+                return job.bridge
+            reason = outcome
+
+    def _new_job(self, session_id: str, agent_id: str, runner: RunnerConn) -> Job:
+        job = Job(job_id=f"job_{secrets.token_hex(8)}", session_id=session_id, agent_id=agent_id,
+                  runner=runner, token="spc_" + secrets.token_urlsafe(32),
+                  ack=asyncio.get_running_loop().create_future())
+        job.bridge = Bridge(self, job)
+        runner.jobs[job.job_id] = job
+        runner.assigned_total += 1
+        self._jobs[job.job_id] = job
+        self._tokens[job.token] = job.bridge
+        return job
+
+    async def _try(self, job: Job, session: Any, ack_s: float, deadline: float) -> str | None:
+        """One offer: None when the runner accepted and dialled in; else why not."""
+        runner = job.runner
+        info = session.info
+        assign = {"type": p.JOB_ASSIGN, "job_id": job.job_id, "session_id": job.session_id,
+                  "agent_id": job.agent_id, "bridge_url": f"{self.public_url or runner.bridge_base}"
+                  f"/v1/agents/bridge/{job.session_id}", "call_token": job.token,
+                  "deadline_ms": int(ack_s * 1000),
+                  "metadata": {"direction": info.direction, "pipe_id": info.pipe_id, "caller": info.caller,
+                               **(info.metadata or {})}}
+        self.counters["jobs_offered"] += 1
+        if runner.ws is None or not await _send(runner.ws, assign):
+            self.release(job, "runner_lost")
+            return "runner_lost"
+        try:
+            accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), ack_s)
+        except TimeoutError:
+            runner.missed_acks += 1
+            self.counters["acks_timed_out"] += 1
+            log.warning("runner %s did not ack job %s within %.0f ms; failing over", runner.runner_id,
+                        job.job_id, ack_s * 1000)
+            self._expire(job)
+            return "ack_timeout"
+        if not accepted:
+            why = why or p.REJECT_REFUSED
+            self.counters[f"jobs_rejected_{why}"] += 1
+            log.info("runner %s rejected job %s: %s", runner.runner_id, job.job_id, why)
+            self.release(job, f"rejected:{why}")
+            return why
+        runner.missed_acks = 0
+        self.counters["jobs_accepted"] += 1
+        assert job.bridge is not None
+        if not await job.bridge.wait_ready(max(0.0, min(self.hello_timeout_s, deadline - time.monotonic()))):
+            if job.bridge.over:  # failed while we waited (the runner died)
+                return job.bridge.end_reason or "runner_lost"
+            self.counters["bridge_timeouts"] += 1
+            if runner.ws is not None:
+                await _send(runner.ws, {"type": p.JOB_CANCEL, "job_id": job.job_id, "reason": "no_hello"})
+            job.bridge.end("bridge_timeout", p.CLOSE_CALL_OVER)
+            return "bridge_timeout"
+        return None
+
+    def _expire(self, job: Job) -> None:
+        self._expired[job.job_id] = job.runner
+        while len(self._expired) > 1024:
+            self._expired.popitem(last=False)
+        assert job.bridge is not None
+        job.bridge.end("ack_timeout", p.CLOSE_CALL_OVER)
+
+    def release(self, job: Job, reason: str) -> None:
+        """The job no longer holds a slot on its runner, and its call token is dead."""
+        if job.released:
+            return
+        job.released = True
+        if not job.ack.done():
+            job.ack.cancel()
+        job.runner.jobs.pop(job.job_id, None)
+        self._jobs.pop(job.job_id, None)
+        self._tokens.pop(job.token, None)
+        self._forget_if_idle(job.runner)
+
+    def bridge_for(self, token: str, session_id: str) -> Bridge | None:
+        bridge = self._tokens.get(token)
+        if bridge is None or not secrets.compare_digest(bridge.session_id, session_id):
+            return None
+        return bridge
+
+    # ---- introspection, lifecycle ---------------------------------------------------------------------
+    def runners(self, agent_id: str | None = None) -> list[dict[str, Any]]:
+        return [r.snapshot() for r in self._runners.values()
+                if r.alive and (agent_id is None or r.agent_id == agent_id)]
+
+    def stats(self) -> dict[str, Any]:
+        alive = [r for r in self._runners.values() if r.alive]
+        agents: dict[str, dict[str, int]] = {}
+        for r in alive:
+            a = agents.setdefault(r.agent_id, {"runners": 0, "capacity": 0, "load": 0})
+            a["runners"] += 1
+            a["capacity"] += 0 if r.draining else r.capacity
+            a["load"] += r.load
+        return {"runners": len(alive), "agents": agents, "live_calls": sum(
+            1 for j in self._jobs.values() if j.bridge is not None and j.bridge.ready.is_set()),
+            "pending_offers": sum(1 for j in self._jobs.values() if not j.ack.done()),
+            "counters": dict(self.counters), "pid": os.getpid()}
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Server shutdown: runners are told to go away (they reconnect to whichever node comes back)."""
+        self.closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for job in list(self._jobs.values()):
+            if job.bridge is not None:
+                job.bridge.fail("server_shutdown")
+        for runner in list(self._runners.values()):
+            if runner.ws is not None:
+                await _close(runner.ws, p.CLOSE_GOING_AWAY, "server shutting down")
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def session_verbs() -> tuple[str, ...]:
+    """The verbs hello.ack advertises: all of them, but `agent.interrupt` only once the pipeline knows it."""
+    from speechpipe.pipeline import agent as pipeline_agent
+
+    known = hasattr(pipeline_agent, "INTERRUPT")
+    return tuple(v for v in p.AGENT_VERBS if v != p.INTERRUPT or known)
+
+
+def _session_over(session: Any) -> bool:
+    ended = getattr(session, "ended", None)
+    return bool(ended is not None and ended.is_set())
