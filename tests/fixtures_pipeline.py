@@ -38,12 +38,13 @@ class Talk:
 async def talk(engines: Engines, tmp_path: Path):
     made: list[Talk] = []
 
-    async def make(config: PipeConfig | None = None, agent: AgentLink | None = None, *, input_rate: int = 16000,
-                   output_rate: int = 16000, store=None, direction: str = "web") -> Talk:
+    async def make(config: PipeConfig | None = None, agent: AgentLink | None = None, *,
+                   input_rate: int = 16000, output_rate: int = 16000, store=None,
+                   direction: str = "web") -> Talk:
         config = config or PipeConfig(agent_id="test")
-        session = PipelineSession(SessionInfo(pipe_id="pipe_test", agent_id=config.agent_id, direction=direction),
-                                  config, engines, input_rate=input_rate, output_rate=output_rate, store=store,
-                                  recordings_dir=tmp_path)
+        info = SessionInfo(pipe_id="pipe_test", agent_id=config.agent_id, direction=direction)
+        session = PipelineSession(info, config, engines, input_rate=input_rate, output_rate=output_rate,
+                                  store=store, recordings_dir=tmp_path)
         t = Talk(session, RealtimeLine(session))
         await session.start()
         await session.attach_agent(agent or CallbackAgent(echo_reply))
