@@ -80,7 +80,8 @@ async def test_page_demo_session_turn_reply_played_and_stored(web_server, playwr
         assert [p["state"] for p in playback] == ["started", "ended"]
         played_s, reply_s = playback[1]["seconds"], (done["end_ms"] - done["start_ms"]) / 1000
         assert reply_s > 1.0 and abs(played_s - reply_s) < 0.1, (played_s, reply_s)  # all of it was played
-        latency = next(e["values"]["response_latency_ms"] for e in log if e["type"] == "metric")
+        latency = next(e["values"]["response_latency_ms"] for e in log
+                       if e["type"] == "metric" and e["name"] == "turn")
         print(f"\nbrowser turn: response latency {latency:.0f} ms; played {played_s:.3f} s of {reply_s:.3f}")
         assert any(e["type"] == "metric" and e["name"] == "turn" for e in log)
         assert await page.text_content("#latency tbody td.response") not in (None, "–")

@@ -173,11 +173,11 @@ async def test_serve_prints_its_urls_and_serves_tokens_into_sqlite(tmp_path: Pat
     server = Serve(tmp_path)
     serve_factory.append(server)
     base = server.wait_for("listening on").split("listening on", 1)[1].strip()
-    labels = ("REST API", "OpenAPI", "client WebSocket", "agent channel", "test page", "health:", "metrics")
+    labels = ("REST API", "OpenAPI", "client WebSocket", "agent channel", "test page", "health:")
     banner = "".join(server.output) + "".join(server.wait_for(m) for m in labels)
     ws = "ws" + base[4:]
     for url in (f"{base}/v1", f"{ws}/v1/pipes/{{pipe_id}}/connect", f"{ws}/v1/agents/connect", f"{base}/",
-                f"{base}/healthz", f"{base}/metrics", f"{base}/v1/openapi.json"):
+                f"{base}/healthz", f"{base}/v1/openapi.json"):
         assert url in banner, (url, banner)
     assert str(tmp_path) in banner and "speechpipe.db" in banner
     assert wait_healthy(base)["status"] == "ok"

@@ -112,6 +112,7 @@ async function start() {
       }
     });
     session.on("metric", (e) => {
+      if (e.name !== "turn" && e.name !== "barge_in") return;  // the table shows per-turn figures only
       const row = latencyRow(lastUserSeq);
       if (e.name === "turn") {
         row.querySelector(".response").textContent = Math.round(e.values.response_latency_ms);
