@@ -13,29 +13,57 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+# The message names are the agent channel's wire vocabulary, defined once in its protocol module.
+from speechpipe.runner.protocol import (
+    AGENT_SPEECH_DONE,
+    CALL_ENDED,
+    CALL_STARTED,
+    DISPATCH,
+    DTMF,
+    END_CALL,
+    ERROR,
+    INTERRUPT,
+    METRIC,
+    RECORDING_PAUSE,
+    RECORDING_RESUME,
+    SAY,
+    SILENCE,
+    TEXT_DELTA,
+    TEXT_END,
+    TRANSFER,
+    USER_INTERRUPTED,
+    USER_PARTIAL,
+    USER_TEXT,
+)
+
 Message = dict[str, Any]
 
-# platform → agent
-CALL_STARTED = "call.started"
-USER_PARTIAL = "user.partial"
-USER_TEXT = "user.text"
-USER_INTERRUPTED = "user.interrupted"
-AGENT_SPEECH_DONE = "agent.speech_done"
-DTMF = "dtmf"
-SILENCE = "silence"
-METRIC = "metric"
-CALL_ENDED = "call.ended"
-ERROR = "error"
-# agent → platform
-TEXT_DELTA = "agent.text.delta"
-TEXT_END = "agent.text.end"
-SAY = "agent.say"
-TRANSFER = "agent.transfer"
-END_CALL = "agent.end_call"
-DISPATCH = "agent.dispatch"
-RECORDING_PAUSE = "recording.pause"
-RECORDING_RESUME = "recording.resume"
-INTERRUPT = "agent.interrupt"
+__all__ = [
+    "AGENT_SPEECH_DONE",
+    "CALL_ENDED",
+    "CALL_STARTED",
+    "DISPATCH",
+    "DTMF",
+    "END_CALL",
+    "ERROR",
+    "INTERRUPT",
+    "METRIC",
+    "RECORDING_PAUSE",
+    "RECORDING_RESUME",
+    "SAY",
+    "SILENCE",
+    "TEXT_DELTA",
+    "TEXT_END",
+    "TRANSFER",
+    "USER_INTERRUPTED",
+    "USER_PARTIAL",
+    "USER_TEXT",
+    "AgentGone",
+    "AgentLink",
+    "CallbackAgent",
+    "Message",
+    "echo_reply",
+]
 
 
 class AgentGone(Exception):

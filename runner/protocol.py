@@ -44,7 +44,7 @@ ERROR = "error"
 HELLO = "hello"
 HELLO_ACK = "hello.ack"
 ACK = "ack"
-# platform → runner (the same strings as speechpipe.pipeline.agent; a test keeps them equal)
+# platform → runner (speechpipe.pipeline.agent uses these names too)
 CALL_STARTED = "call.started"
 USER_PARTIAL = "user.partial"
 USER_TEXT = "user.text"

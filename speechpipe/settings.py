@@ -57,7 +57,7 @@ class Settings:
         if (v := get("HOST")) is not None:
             values["host"] = v
         if (v := get("PORT")) is not None:
-            values["port"] = _int("SPEECHPIPE_PORT", v, 0, 65535)
+            values["port"] = parse_int("SPEECHPIPE_PORT", v, 0, 65535)
         if (v := get("TOKEN_TTL_S")) is not None:
             values["token_ttl_s"] = _float("SPEECHPIPE_TOKEN_TTL_S", v, 1.0, 86400.0)
         if (v := env.get("SPEECHPIPE_DEMO")) is not None:
@@ -67,9 +67,9 @@ class Settings:
         if (v := get("MODELS_DIR")) is not None:
             values["models_dir"] = Path(v).expanduser()
         if (v := get("SIP_WORKERS")) is not None:
-            values["sip_workers"] = _int("SPEECHPIPE_SIP_WORKERS", v, 0, 64)
+            values["sip_workers"] = parse_int("SPEECHPIPE_SIP_WORKERS", v, 0, 64)
         if (v := get("SIP_PORT_BASE")) is not None:
-            values["sip_port_base"] = _int("SPEECHPIPE_SIP_PORT_BASE", v, 1, 65000)
+            values["sip_port_base"] = parse_int("SPEECHPIPE_SIP_PORT_BASE", v, 1, 65000)
         if (v := get("ALLOWED_ORIGINS")) is not None:
             values["allowed_origins"] = tuple(o.strip().rstrip("/") for o in v.split(",") if o.strip())
         if (v := get("LOG_FORMAT")) is not None:
@@ -77,7 +77,7 @@ class Settings:
                 raise ConfigError(f"SPEECHPIPE_LOG_FORMAT must be 'text' or 'json', got {v!r}")
             values["log_format"] = v
         if (v := get("MAX_BODY_BYTES")) is not None:
-            values["max_body_bytes"] = _int("SPEECHPIPE_MAX_BODY_BYTES", v, 1024, 1 << 30)
+            values["max_body_bytes"] = parse_int("SPEECHPIPE_MAX_BODY_BYTES", v, 1024, 1 << 30)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -108,7 +108,8 @@ class Settings:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
+def parse_int(name: str, raw: str, lo: int, hi: int) -> int:
+    """`raw` as an int within [lo, hi], or a ConfigError naming the variable."""
     try:
         value = int(raw)
     except ValueError:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from speechpipe.errors import ConfigError
+from speechpipe.settings import parse_int
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ class SipConfig:
         if (v := get("PUBLIC_ADDR")) is not None:
             values["public_addr"] = v
         if (v := get("MAX_CALLS")) is not None:
-            values["max_calls"] = _int("SPEECHPIPE_SIP_MAX_CALLS", v, 1, 10000)
-        ports = _int("SPEECHPIPE_SIP_RTP_PORTS", get("RTP_PORTS") or "200", 4, 20000)
-        base = _int("SPEECHPIPE_SIP_RTP_PORT_BASE", get("RTP_PORT_BASE") or "20000", 1024, 65000)
+            values["max_calls"] = parse_int("SPEECHPIPE_SIP_MAX_CALLS", v, 1, 10000)
+        ports = parse_int("SPEECHPIPE_SIP_RTP_PORTS", get("RTP_PORTS") or "200", 4, 20000)
+        base = parse_int("SPEECHPIPE_SIP_RTP_PORT_BASE", get("RTP_PORT_BASE") or "20000", 1024, 65000)
         values["rtp_ports"] = ports
         values["rtp_port"] = base + index * ports
         for key in ("REGISTRAR", "USERNAME", "PASSWORD", "AGENT_FACTORY"):
@@ -81,11 +82,3 @@ class SipConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
