@@ -232,8 +232,11 @@ async def main() -> None:
     if "vad" not in skip:
         print("VAD frame accuracy (bench/vad_accuracy.py cases):")
         for name, r in vad_accuracy():
-            print(f"  {name:14s} " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in r.items() if not isinstance(v, (dict, list))))
+            o = r["overall"]
+            print(f"  {name:14s} speech accuracy {o['speech_accuracy']:.3f}  "
+                  f"recall {o['speech_recall']:.3f}  false speech in gaps {o['gap_fpr']:.3f}  "
+                  f"on noise {o['noise_fpr']:.3f}  "
+                  f"onset {o['onset_ms']} ms  {o['cpu_us_per_frame']:.0f} µs/frame")
         print()
     if "capacity" not in skip:
         print("Concurrent sessions (one process, one event loop, shared models):")
