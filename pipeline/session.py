@@ -67,6 +67,16 @@ class Engines:
 
         return get_stt_engine(config.stt.engine, config.stt.model, config.stt.language)
 
+    def warm_up(self, config: PipeConfig) -> None:
+        """Load the pipe's STT model and run one decode on faint noise (blocking): a model's first
+        inference allocates its buffers and costs several times a normal one, which the first caller
+        must not pay."""
+        stream = self.stt(config).new_stream(config.stt.language)
+        noise = np.random.default_rng(0).normal(0, 300, PROCESS_RATE).astype(np.int16)  # ~-40 dBFS
+        stream.accept(noise)
+        stream.final()
+        stream.close()
+
 
 @dataclass
 class SessionInfo:

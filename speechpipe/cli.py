@@ -129,7 +129,7 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
     base = _base_urls(runner.addresses)[0]
     loop = asyncio.get_running_loop()
     # Load the default STT model now, off the loop, so the first caller does not wait for it.
-    warmup = loop.run_in_executor(engines.executor, engines.stt, _default_pipe_config())
+    warmup = loop.run_in_executor(engines.executor, engines.warm_up, _default_pipe_config())
     sip = demo_agent = None
     try:
         if settings.sip_workers > 0:

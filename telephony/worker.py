@@ -193,7 +193,7 @@ class Worker:
         from speechpipe.pipeline.vad import make_vad
 
         config = PipeConfig(agent_id="warmup")
-        self.engines.stt(config)
+        self.engines.warm_up(config)
         make_vad(config.vad).speech_prob(np.zeros(320, np.int16))
 
     def request_stop(self) -> None:

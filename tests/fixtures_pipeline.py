@@ -17,7 +17,7 @@ from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 @pytest.fixture(scope="session")
 def engines() -> Engines:
     eng = Engines()
-    eng.stt(PipeConfig(agent_id="warmup"))  # load whisper once, before any timing
+    eng.warm_up(PipeConfig(agent_id="warmup"))  # load whisper and run it once, before any timing
     return eng
 
 
