@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +152,21 @@ class LiveServer:
         self._thread.join(timeout=30)
 
 
-def start_live_server(settings: Settings, store: Store) -> LiveServer:
-    """Serves `create_app(settings, store)` on 127.0.0.1:<free port> in a thread; returns when listening.
+@dataclass
+class ThreadedApp:
+    """An aiohttp app serving on 127.0.0.1:<free port> from its own loop in a daemon thread."""
 
-    An API key is created for the caller (`.api_key`, `.auth` headers)."""
-    key = store.create_api_key("live-server-tests")
+    app: web.Application
+    loop: asyncio.AbstractEventLoop
+    runner: web.AppRunner
+    port: int
+    thread: threading.Thread
+
+
+def serve_in_thread(make_app: Callable[[], web.Application], *, name: str, start_timeout_s: float = 30,
+                    shutdown_timeout_s: float = 60) -> ThreadedApp:
+    """Builds the app on the server thread's loop (so its startup hooks run there) and returns once it
+    listens; a failure while starting is raised here, in the caller."""
     started = threading.Event()
     box: dict[str, Any] = {}
 
@@ -164,10 +174,11 @@ def start_live_server(settings: Settings, store: Store) -> LiveServer:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            runner = web.AppRunner(create_app(settings, store), handle_signals=False)
+            app = make_app()
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout_s)
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-            box.update(loop=loop, runner=runner, port=runner.addresses[0][1])
+            box.update(app=app, loop=loop, runner=runner, port=runner.addresses[0][1])
         except BaseException as exc:  # report start-up failures to the waiting test
             box["error"] = exc
             started.set()
@@ -176,15 +187,24 @@ def start_live_server(settings: Settings, store: Store) -> LiveServer:
         loop.run_forever()
         loop.close()
 
-    thread = threading.Thread(target=run, name="live-server", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    if not started.wait(30):
-        raise RuntimeError("live server did not start within 30 s")
+    if not started.wait(start_timeout_s):
+        raise RuntimeError(f"{name} did not start within {start_timeout_s} s")
     if "error" in box:
         raise box["error"]
-    return LiveServer(url=f"http://127.0.0.1:{box['port']}", settings=settings, store=store,
-                      api_key=key.secret, api_key_id=key.key.id, _loop=box["loop"], _runner=box["runner"],
-                      _thread=thread)
+    return ThreadedApp(thread=thread, **box)
+
+
+def start_live_server(settings: Settings, store: Store) -> LiveServer:
+    """Serves `create_app(settings, store)` on 127.0.0.1:<free port> in a thread; returns when listening.
+
+    An API key is created for the caller (`.api_key`, `.auth` headers)."""
+    key = store.create_api_key("live-server-tests")
+    srv = serve_in_thread(lambda: create_app(settings, store), name="live-server")
+    return LiveServer(url=f"http://127.0.0.1:{srv.port}", settings=settings, store=store,
+                      api_key=key.secret, api_key_id=key.key.id, _loop=srv.loop, _runner=srv.runner,
+                      _thread=srv.thread)
 
 
 def _server_settings(tmp: Path, db_url: str, **overrides: Any) -> Settings:

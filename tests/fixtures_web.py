@@ -38,6 +38,8 @@ from speechpipe.websocket_edge.client_ws import (
 )
 from speechpipe.websocket_edge.static_routes import setup_test_page
 
+from .fixtures_db import serve_in_thread
+
 LONG_REPLY = ("Thank you for calling. Our opening hours are from nine in the morning until six in the "
               "evening on weekdays, and from ten until four on Saturdays. We are closed on Sundays and "
               "on public holidays. You can also reach us by email at any time.")
@@ -133,36 +135,15 @@ class WebServer:
 
 
 def start_web_server(settings: Settings, store: Store, engines: Engines) -> WebServer:
-    started = threading.Event()
-    box: dict[str, Any] = {}
+    def make_app() -> web.Application:
+        app = create_app(settings, store, route_groups=web_route_groups())
+        # The test's engines (loaded once per run) and example agents, whatever `serve` wires by default.
+        app[CLIENT_EDGE_KEY].use(engines=engines, agent_factory=example_agents)
+        return app
 
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            app = create_app(settings, store, route_groups=web_route_groups())
-            # The test's engines (loaded once per run) and example agents, whatever `serve` wires by default.
-            app[CLIENT_EDGE_KEY].use(engines=engines, agent_factory=example_agents)
-            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=10)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-            box.update(loop=loop, runner=runner, app=app, port=runner.addresses[0][1])
-        except BaseException as exc:
-            box["error"] = exc
-            started.set()
-            return
-        started.set()
-        loop.run_forever()
-        loop.close()
-
-    thread = threading.Thread(target=run, name="web-server", daemon=True)
-    thread.start()
-    if not started.wait(60):
-        raise RuntimeError("web server did not start within 60 s")
-    if "error" in box:
-        raise box["error"]
-    return WebServer(url=f"http://127.0.0.1:{box['port']}", settings=settings, store=store, app=box["app"],
-                     _loop=box["loop"], _runner=box["runner"], _thread=thread)
+    srv = serve_in_thread(make_app, name="web-server", start_timeout_s=60, shutdown_timeout_s=10)
+    return WebServer(url=f"http://127.0.0.1:{srv.port}", settings=settings, store=store, app=srv.app,
+                     _loop=srv.loop, _runner=srv.runner, _thread=srv.thread)
 
 
 @pytest.fixture(scope="session")
