@@ -30,6 +30,11 @@ class Settings:
     token_ttl_s: float = 60.0
     demo: bool = False
     redis_url: str | None = None
+    # Multi-node (with redis_url): the base URL other nodes' runners reach this node at (default: the
+    # address it listens on), and this node's name in Redis (default: host-pid-random).
+    public_url: str | None = None
+    node_id: str | None = None
+    cluster_name: str = "default"  # nodes sharing one Redis form one cluster per name
     # None means `<data_dir>/models`; see `models_path`.
     models_dir: Path | None = None
     sip_workers: int = 0
@@ -64,6 +69,14 @@ class Settings:
             values["demo"] = _bool("SPEECHPIPE_DEMO", v)
         if (v := get("REDIS_URL")) is not None:
             values["redis_url"] = v
+        if (v := get("PUBLIC_URL")) is not None:
+            if not v.startswith(("http://", "https://")):
+                raise ConfigError(f"SPEECHPIPE_PUBLIC_URL must be an http(s):// URL, got {v!r}")
+            values["public_url"] = v.rstrip("/")
+        if (v := get("NODE_ID")) is not None:
+            values["node_id"] = v
+        if (v := get("CLUSTER")) is not None:
+            values["cluster_name"] = v
         if (v := get("MODELS_DIR")) is not None:
             values["models_dir"] = Path(v).expanduser()
         if (v := get("SIP_WORKERS")) is not None:

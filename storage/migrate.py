@@ -11,9 +11,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK_KEY = 0x5350_6970  # "SPip": the advisory lock that serialises migrations on PostgreSQL
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -39,6 +40,10 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Upgrades the database behind `engine` to `revision`; returns the revision it ends at."""
     cfg = alembic_config()
     with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            # Several nodes starting at once on one database: one migrates, the others wait, then find
+            # nothing left to do. Held until the commit below.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()

@@ -6,6 +6,10 @@ rejection or a late/missing ack offers it to the next runner; once a runner acce
 says `hello`, the session gets a `BridgeLink`. Load counts a job from the moment it is offered, so
 concurrent dispatches never over-fill a runner. Dead runners are found two ways: their control socket
 closes, or their heartbeats stop (then their calls fail at once: a frozen process cannot redial).
+
+With a `cluster.Cluster` attached (several nodes over Redis), runners of other nodes are candidates too:
+each stands in here as a `RunnerConn` whose `node` is set, and the offer travels over Redis; jobs this node
+serves for another node's sessions carry their `origin`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -27,6 +31,9 @@ from speechpipe.errors import AuthenticationError, Code
 from speechpipe.runner import protocol as p
 
 from .agent_bridge import Bridge, BridgeLink, _close, _send
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ class RunnerConn:
     last_seen: float = field(default_factory=time.monotonic)
     missed_acks: int = 0
     assigned_total: int = 0
+    node: str | None = None  # set on a stand-in for the runners of another node
 
     @property
     def load(self) -> int:
@@ -81,6 +89,7 @@ class Job:
     ack: asyncio.Future[tuple[bool, str | None]]
     bridge: Bridge | None = None
     released: bool = False
+    origin: str | None = None  # the node holding the session, when this node serves another's job
 
 
 Authenticate = Callable[[str], Awaitable[str] | str]  # secret -> API key id; raises AuthenticationError
@@ -104,6 +113,7 @@ class AgentHub:
             raise ValueError("AgentHub needs a store or an authenticate callable to check runners' keys")
         self.store = store
         self._authenticate = authenticate
+        self.cluster: Cluster | None = None
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s or 3 * heartbeat_interval_s
         self.ack_timeout_s = ack_timeout_s
@@ -172,6 +182,7 @@ class AgentHub:
             if job.bridge is not None:
                 job.bridge.arm_grace()
         self.counters["runners_registered"] += 1
+        self._changed()
         log.info("runner %s registered: agent=%s capacity=%d worker=%s pid=%s", runner.runner_id,
                  runner.agent_id, runner.capacity, worker_id, runner.pid)
         return runner
@@ -194,6 +205,7 @@ class AgentHub:
             if not runner.draining:
                 runner.draining = True
                 self.counters["runners_drained"] += 1
+                self._changed()
                 log.info("runner %s drains: no new jobs (%d live)", runner.runner_id, runner.load)
         elif kind == p.REGISTER:
             return p.error_frame(p.Codes.OUT_OF_ORDER, "already registered on this socket")
@@ -226,12 +238,18 @@ class AgentHub:
         for job in list(runner.jobs.values()):
             if not job.ack.done():
                 job.ack.set_result((False, "runner_lost"))
+            elif job.origin is not None:  # the session's node holds the bridge: it decides
+                if self.cluster is not None:
+                    self.cluster.send(job.origin, {"op": "runner_lost", "job_id": job.job_id,
+                                                   "reason": reason})
+                self.release(job, "runner_lost")
             elif job.bridge is not None:
                 if reason == "heartbeat_timeout" or not job.bridge.ready.is_set():
                     job.bridge.fail("runner_lost")  # a silent process will not redial
                 elif not job.bridge.attached:
                     job.bridge.arm_grace()  # now the short, orphan grace
         self._forget_if_idle(runner)
+        self._changed()
 
     def _forget_if_idle(self, runner: RunnerConn) -> None:
         if not runner.alive and not runner.jobs:
@@ -301,16 +319,18 @@ class AgentHub:
         while True:
             if _session_over(session):
                 raise NoAgentAvailable("session_ended")
-            pool = [r for r in self._runners.values() if r.agent_id == agent_id and r.alive]
-            untried = [r for r in pool if not r.draining and r.runner_id not in tried]
+            untried = [r for r in self._local_pool(agent_id) if r.runner_id not in tried]
+            if self.cluster is not None:
+                untried += [r for r in await self._remote_pool(agent_id) if r.runner_id not in tried]
             free = [r for r in untried if r.load < r.capacity]
             remaining = deadline - time.monotonic()
             if not free or remaining <= 0:
                 if untried and remaining > 0:
                     reason = "at_capacity"
                 raise NoAgentAvailable(reason or ("no_runner" if remaining > 0 else "dispatch_timeout"))
-            runner = min(free, key=lambda r: (r.load / r.capacity, r.load, r.missed_acks, r.assigned_total,
-                                              r.order))
+            # Least loaded first; on a tie, a runner of this node (no Redis round trip).
+            runner = min(free, key=lambda r: (r.load / r.capacity, r.node is not None, r.load, r.missed_acks,
+                                              r.assigned_total, r.order))
             tried.add(runner.runner_id)
             job = self._new_job(session_id, agent_id, runner)
             outcome = await self._try(job, session, min(self.ack_timeout_s, remaining), deadline)
@@ -318,6 +338,17 @@ class AgentHub:
                 assert job.bridge is not None
                 return job.bridge
             reason = outcome
+
+    def _local_pool(self, agent_id: str) -> list[RunnerConn]:
+        return [r for r in self._runners.values() if r.agent_id == agent_id and r.alive and not r.draining]
+
+    async def _remote_pool(self, agent_id: str) -> list[RunnerConn]:
+        """One stand-in per other node with runners of `agent_id`: its runners' summed capacity and load."""
+        assert self.cluster is not None
+        return [RunnerConn(runner_id=f"node:{o.node_id}", key_id="", worker_id="", agent_id=agent_id,
+                           capacity=o.capacity, bridge_base=o.url, order=0, reported_active=o.load,
+                           node=o.node_id)
+                for o in await self.cluster.offers(agent_id) if o.capacity > 0]
 
     def _new_job(self, session_id: str, agent_id: str, runner: RunnerConn) -> Job:
         job = Job(job_id=f"job_{secrets.token_hex(8)}", session_id=session_id, agent_id=agent_id,
@@ -334,18 +365,28 @@ class AgentHub:
         """One offer: None when the runner accepted and dialled in; else why not."""
         runner = job.runner
         info = session.info
+        cluster = self.cluster if runner.node is not None else None
+        base = cluster.bridge_base if cluster is not None else self.public_url or runner.bridge_base
         assign = {"type": p.JOB_ASSIGN, "job_id": job.job_id, "session_id": job.session_id,
-                  "agent_id": job.agent_id, "bridge_url": f"{self.public_url or runner.bridge_base}"
-                  f"/v1/agents/bridge/{job.session_id}", "call_token": job.token,
-                  "deadline_ms": int(ack_s * 1000),
+                  "agent_id": job.agent_id, "bridge_url": f"{base}/v1/agents/bridge/{job.session_id}",
+                  "call_token": job.token, "deadline_ms": int(ack_s * 1000),
                   "metadata": {"direction": info.direction, "pipe_id": info.pipe_id, "caller": info.caller,
                                **(info.metadata or {})}}
         self.counters["jobs_offered"] += 1
-        if runner.ws is None or not await _send(runner.ws, assign):
+        wait_s = ack_s
+        if runner.node is not None:
+            self.counters["jobs_offered_to_peers"] += 1
+            sent = cluster is not None and await cluster.offer(runner.node, job.job_id, job.agent_id,
+                                                                 assign, ack_s)
+            if cluster is None or not sent:
+                self.release(job, "node_unreachable")
+                return "node_unreachable"
+            wait_s += cluster.answer_slack_s
+        elif runner.ws is None or not await _send(runner.ws, assign):
             self.release(job, "runner_lost")
             return "runner_lost"
         try:
-            accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), ack_s)
+            accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), wait_s)
         except TimeoutError:
             runner.missed_acks += 1
             self.counters["acks_timed_out"] += 1
@@ -353,6 +394,9 @@ class AgentHub:
                         job.job_id, ack_s * 1000)
             self._expire(job)
             return "ack_timeout"
+        finally:
+            if cluster is not None and runner.node is not None:
+                cluster.offer_done(runner.node)
         if not accepted:
             why = why or p.REJECT_REFUSED
             self.counters[f"jobs_rejected_{why}"] += 1
@@ -373,23 +417,153 @@ class AgentHub:
         return None
 
     def _expire(self, job: Job) -> None:
-        self._expired[job.job_id] = job.runner
-        while len(self._expired) > 1024:
-            self._expired.popitem(last=False)
+        self._remember_expired(job.job_id, job.runner)
         assert job.bridge is not None
         job.bridge.end("ack_timeout", p.CLOSE_CALL_OVER)
+
+    def _remember_expired(self, job_id: str, runner: RunnerConn) -> None:
+        self._expired[job_id] = runner
+        while len(self._expired) > 1024:
+            self._expired.popitem(last=False)
 
     def release(self, job: Job, reason: str) -> None:
         """The job no longer holds a slot on its runner, and its call token is dead."""
         if job.released:
             return
         job.released = True
+        refused = job.ack.done() and not job.ack.cancelled() and not job.ack.result()[0]
         if not job.ack.done():
             job.ack.cancel()
         job.runner.jobs.pop(job.job_id, None)
         self._jobs.pop(job.job_id, None)
         self._tokens.pop(job.token, None)
         self._forget_if_idle(job.runner)
+        node = job.runner.node
+        if node is not None and self.cluster is not None and not refused:
+            # The other node holds a runner slot for this job until told; a runner that never dialled
+            # in is told to drop the job.
+            ready = job.bridge is not None and job.bridge.ready.is_set()
+            self.cluster.send(node, {"op": "release", "job_id": job.job_id, "cancel": not ready,
+                                     "reason": reason})
+        self._changed()
+
+    # ---- jobs between nodes (see cluster.py) -------------------------------------------------------------
+    def _changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.changed()
+
+    def local_capacity(self) -> dict[str, dict[str, int]]:
+        """Per agent_id, the runners connected here that take jobs: what this node advertises."""
+        agents: dict[str, dict[str, int]] = {}
+        for r in self._runners.values():
+            if r.alive and not r.draining and r.node is None:
+                a = agents.setdefault(r.agent_id, {"runners": 0, "capacity": 0, "load": 0})
+                a["runners"] += 1
+                a["capacity"] += r.capacity
+                a["load"] += r.load
+        return agents
+
+    async def serve_offer(self, origin: str, agent_id: str, assign: dict[str, Any],
+                          ack_s: float) -> tuple[bool, str | None]:
+        """A session on node `origin` wants a runner of `agent_id`: offer its `job.assign` (bridge URL and
+        call token are the origin's) to ours, least loaded first, within `ack_s`. (accepted, why not)."""
+        job_id = str(assign["job_id"])
+        if job_id in self._jobs:
+            return False, "duplicate_job"
+        self.counters["jobs_offered_by_peers"] += 1
+        deadline = time.monotonic() + ack_s
+        tried: set[str] = set()
+        reason: str | None = None
+        while True:
+            untried = [r for r in self._local_pool(agent_id) if r.runner_id not in tried]
+            free = [r for r in untried if r.load < r.capacity]
+            remaining = deadline - time.monotonic()
+            if not free or remaining <= 0:
+                if untried and remaining > 0:
+                    reason = "at_capacity"
+                return False, reason or ("no_runner" if remaining > 0 else "ack_timeout")
+            runner = min(free, key=lambda r: (r.load / r.capacity, r.load, r.missed_acks, r.assigned_total,
+                                              r.order))
+            tried.add(runner.runner_id)
+            job = Job(job_id=job_id, session_id=str(assign["session_id"]), agent_id=agent_id, runner=runner,
+                      token=str(assign["call_token"]), ack=asyncio.get_running_loop().create_future(),
+                      origin=origin)
+            runner.jobs[job_id] = job
+            runner.assigned_total += 1
+            self._jobs[job_id] = job
+            self._changed()
+            frame = {**assign, "deadline_ms": int(remaining * 1000)}
+            if runner.ws is None or not await _send(runner.ws, frame):
+                self.release(job, "runner_lost")
+                reason = "runner_lost"
+                continue
+            try:
+                accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), remaining)
+            except TimeoutError:
+                runner.missed_acks += 1
+                self.counters["acks_timed_out"] += 1
+                self._remember_expired(job_id, runner)
+                self.release(job, "ack_timeout")
+                reason = "ack_timeout"
+                continue
+            if accepted and not job.released:
+                runner.missed_acks = 0
+                self.counters["jobs_accepted_for_peers"] += 1
+                log.info("runner %s took job %s for session %s on node %s", runner.runner_id, job_id,
+                         job.session_id, origin)
+                return True, None
+            self.release(job, f"rejected:{why}")
+            reason = why or p.REJECT_REFUSED
+            if why == "cancelled_by_origin":
+                return False, why
+
+    def remote_answer(self, job_id: str, accepted: bool, reason: str | None) -> None:
+        """The answer to an offer this node sent to another node."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.runner.node is not None:
+            if not job.ack.done():
+                job.ack.set_result((accepted, reason))
+            return
+        runner = self._expired.get(job_id)
+        if accepted and runner is not None and runner.node is not None and self.cluster is not None:
+            self.counters["acks_late"] += 1  # we gave up already: free the slot it holds over there
+            self.cluster.send(runner.node, {"op": "release", "job_id": job_id, "cancel": True,
+                                            "reason": "ack_late"})
+
+    def release_served(self, job_id: str, *, cancel: bool) -> None:
+        """The origin node is done with a job we served (call over, or it gave up waiting)."""
+        job = self._jobs.get(job_id)
+        if job is None or job.origin is None:
+            return
+        if not job.ack.done():  # still waiting for our runner: a late accept gets a job.cancel
+            self._remember_expired(job_id, job.runner)
+            job.ack.set_result((False, "cancelled_by_origin"))
+            return
+        ws = job.runner.ws
+        if cancel and ws is not None:
+            self.spawn(_send(ws, {"type": p.JOB_CANCEL, "job_id": job_id, "reason": "cancelled"}))
+        self.release(job, "released_by_origin")
+
+    def remote_runner_lost(self, job_id: str, reason: str) -> None:
+        """The runner another node gave one of our sessions to lost its control socket there."""
+        job = self._jobs.get(job_id)
+        if job is None or job.runner.node is None or job.bridge is None:
+            return
+        job.runner.alive = False  # this job's stand-in only: its bridge now gets the short grace
+        if not job.ack.done():
+            job.ack.set_result((False, "runner_lost"))
+        elif reason == "heartbeat_timeout" or not job.bridge.ready.is_set():
+            job.bridge.fail("runner_lost")
+        elif not job.bridge.attached:
+            job.bridge.arm_grace()
+
+    def forget_origins_except(self, live: set[str]) -> None:
+        """Nodes whose advert lapsed are gone: runner slots held for their sessions are free again."""
+        for job in list(self._jobs.values()):
+            if job.origin is not None and job.origin not in live and job.ack.done():
+                log.warning("node %s is gone: job %s (session %s) no longer holds runner %s", job.origin,
+                            job.job_id, job.session_id, job.runner.runner_id)
+                self.release(job, "origin_gone")
 
     def bridge_for(self, token: str, session_id: str) -> Bridge | None:
         bridge = self._tokens.get(token)
@@ -413,7 +587,8 @@ class AgentHub:
         return {"runners": len(alive), "agents": agents, "live_calls": sum(
             1 for j in self._jobs.values() if j.bridge is not None and j.bridge.ready.is_set()),
             "pending_offers": sum(1 for j in self._jobs.values() if not j.ack.done()),
-            "counters": dict(self.counters), "pid": os.getpid()}
+            "counters": dict(self.counters), "pid": os.getpid(),
+            "node_id": self.cluster.node_id if self.cluster is not None else None}
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
