@@ -100,8 +100,11 @@ class Metric(Event):
 
 @dataclass
 class SessionEnded(Event):
+    """`metrics`: what the session stored in `sessions.metrics` (see PipelineSession.metrics_summary)."""
+
     type: ClassVar[str] = "session.ended"
     reason: str
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from speechpipe import logs
+
 from . import protocol as p
 from .bridge import SDK, BridgeClient, BridgeFailed
 from .context import CallContext, Session
@@ -383,6 +385,10 @@ class AgentRunner:
     # ---- one call -----------------------------------------------------------------------------------------
     async def _serve_call(self, call: _Call) -> None:
         assert self._http is not None
+        meta = call.job.get("metadata") or {}
+        # This task and the handler's tasks log with the call's ids (in JSON logs: fields of every line).
+        logs.bind(session_id=call.session_id, pipe_id=meta.get("pipe_id"), direction=meta.get("direction"),
+                  agent_id=call.job.get("agent_id"))
         session = Session(lambda frame: bridge.send(frame), stats=self.counters)
         call.session = session
         bridge = BridgeClient(self._http, call.job["bridge_url"], call.job["call_token"],

@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from speechpipe.errors import SpeechPipeError
+from speechpipe.errors import ConfigError, SpeechPipeError
+from speechpipe.logs import AccessLogger, announce, configure_logging
 from speechpipe.settings import Settings
 from speechpipe.storage import Store
 from speechpipe.storage.demo import DemoInfo, ensure_demo
@@ -95,9 +95,12 @@ def _open_store(settings: Settings, *, quiet: bool = False) -> Store:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    configure_logging(settings)
+    configure_logging(settings.log_format)
     from speechpipe.websocket_edge.app import create_app  # aiohttp app; no speech engine loads here
 
+    if settings.redis_url and not settings.database_url:
+        raise ConfigError("SPEECHPIPE_REDIS_URL joins this node to others, which needs a database they "
+                          "share: set SPEECHPIPE_DATABASE_URL to PostgreSQL (postgresql+psycopg://...)")
     store = Store.from_settings(settings, upgrade=True)
     try:
         demo = ensure_demo(store, settings.data_dir) if settings.demo else None
@@ -122,7 +125,7 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
     app[ENGINES_KEY] = engines
     internal_secret = secrets.token_urlsafe(32)  # lets this server's own SIP workers use the agent relay
     setup_agent_relay(app, internal_secret)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False, access_log_class=AccessLogger)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
@@ -130,8 +133,15 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
     loop = asyncio.get_running_loop()
     # Load the default STT model now, off the loop, so the first caller does not wait for it.
     warmup = loop.run_in_executor(engines.executor, engines.warm_up, _default_pipe_config())
-    sip = demo_agent = None
+    sip = demo_agent = cluster = None
     try:
+        if settings.redis_url:
+            from speechpipe.websocket_edge.agent_channel import HUB_KEY
+            from speechpipe.websocket_edge.cluster import Cluster
+
+            cluster = Cluster(app[HUB_KEY], settings.redis_url, public_url=settings.public_url or base,
+                              node_id=settings.node_id, name=settings.cluster_name)
+            await cluster.start()
         if settings.sip_workers > 0:
             from speechpipe.telephony.supervisor import SipSupervisor
 
@@ -148,17 +158,22 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
         _print_banner(settings, store, runner.addresses, demo)
         if sip is not None:
             ports = ", ".join(str(settings.sip_port_base + i) for i in range(settings.sip_workers))
-            print(f"  SIP media workers: {settings.sip_workers} on UDP ports {ports}", flush=True)
+            announce(f"  SIP media workers: {settings.sip_workers} on UDP ports {ports}")
+        if cluster is not None:
+            announce(f"  cluster node: {cluster.node_id} (Redis); other nodes' runners dial "
+                     f"{cluster.public_url}")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        print("shutting down", flush=True)
+        announce("shutting down")
     finally:
         if demo_agent is not None:
             await demo_agent.shutdown(timeout_s=5)
         if sip is not None:
             await sip.stop()
+        if cluster is not None:
+            await cluster.close()
         await runner.cleanup()
         warmup.cancel()
 
@@ -200,6 +215,7 @@ def _print_banner(settings: Settings, store: Store, addresses: list[Any], demo: 
             f"    agent channel:     {ws}/v1/agents/connect",
             f"    test page:         {base}/",
             f"    health:            {base}/healthz",
+            f"    metrics:           {base}/metrics",
         ]
     if demo is not None:
         lines += [
@@ -208,28 +224,7 @@ def _print_banner(settings: Settings, store: Store, addresses: list[Any], demo: 
             f"    pipe:      {demo.pipe_id} (agent_id {demo.agent_id})",
             "    tokens:    POST /v1/demo/token (no API key; demo mode only)",
         ]
-    print("\n".join(lines), flush=True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(), "level": record.levelname,
-               "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def configure_logging(settings: Settings, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    if settings.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ..." on every start is noise
+    announce("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------- db, keys, pipes

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from speechpipe import logs
 from speechpipe.pipeline.agent import AgentGone, AgentLink
 from speechpipe.runner import protocol as p
 
@@ -51,6 +52,9 @@ class Bridge:
         self._early: list[dict[str, Any]] = []  # frames that came before this bridge was the link's
         self._grace: asyncio.TimerHandle | None = None
         self.detached_at: float | None = None
+        # Made while dispatching a session, so these are its log ids; the bridge socket's task and lines
+        # logged from other tasks (a lost runner) get them from here.
+        self.log_ids = logs.current()
 
     @property
     def session_id(self) -> str:
@@ -63,6 +67,7 @@ class Bridge:
     # ---- socket side -------------------------------------------------------------------------------
     async def attach(self, ws: web.WebSocketResponse, hello: dict[str, Any]) -> bool:
         """A (re)dial with our token: replay the runner's missed frames, then carry the call on `ws`."""
+        logs.bind(**self.log_ids)  # the bridge socket's handler task serves this call from now on
         async with self.lock:
             replay = self.outbox.replay_after(int(hello.get("last_seq") or 0))
             if replay is None:
@@ -83,6 +88,9 @@ class Bridge:
             if self.hellos:
                 self.hub.counters["bridge_redials"] += 1
                 log.info("bridge %s redialled: %d frames replayed", self.session_id, len(replay))
+            else:
+                log.info("bridge %s up: job %s, runner %s (agent %s)", self.session_id, self.job.job_id,
+                         self.job.runner.runner_id, self.job.agent_id)
             self.hellos += 1
             self.ws = ws
             self.detached_at = None
@@ -168,7 +176,8 @@ class Bridge:
         """The runner is gone for this call (no redial in time, runner dead): the session must know."""
         if self.over:
             return
-        log.warning("bridge %s (job %s) lost: %s", self.session_id, self.job.job_id, reason)
+        log.warning("bridge %s (job %s) lost: %s", self.session_id, self.job.job_id, reason,
+                    extra=self.log_ids)
         self.hub.counters["bridges_lost"] += 1
         self._finish(reason, p.CLOSE_CALL_OVER)
         if self.link is not None and self.link.bridge is self:

@@ -130,7 +130,11 @@ class Session(_Out):
     end_reason: str | None
     duration_s: float | None
     turn_count: int
-    metrics: dict[str, Any] | None
+    metrics: dict[str, Any] | None = Field(description=(
+        "Stored when the session ends: `user_turns`, `agent_turns`, `interruptions`, `false_barge_ins`, "
+        "`turn_latencies_ms` (each answered turn's response latency, in order, at most 500), and "
+        "`{count, p50, p95, max}` summaries in ms: `response_ms`, `barge_in_ms`, `stt_ms`, `final_ms`. "
+        "Phone sessions add `media`."))
     recording: RecordingInfo | None = None
 
 

@@ -69,9 +69,68 @@ function latencyRow(turn) {
 
 let lastUserSeq = 0;
 
+// The session view: live figures from the events while the session runs; once it ends, the end reason and
+// the summary the server stored in `sessions.metrics` (sent with `session.ended`).
+const view = { turns: 0, latencies: [], interruptions: 0, ended: false };
+page.view = view;
+
+function setViewState(state, label) {
+  $("session-view").dataset.state = state;
+  $("sv-state").textContent = label;
+}
+
+function resetSessionView() {
+  Object.assign(view, { turns: 0, latencies: [], interruptions: 0, ended: false });
+  for (const id of ["sv-last", "sv-avg", "sv-end-reason", "sv-p50", "sv-p95", "sv-latencies"]) $(id).textContent = "–";
+  showLive();
+  setViewState("connecting", "connecting");
+}
+
+function showLive() {
+  $("sv-turns").textContent = String(view.turns);
+  $("sv-interruptions").textContent = String(view.interruptions);
+  const n = view.latencies.length;
+  if (!n) return;
+  $("sv-last").textContent = String(Math.round(view.latencies[n - 1]));
+  $("sv-avg").textContent = String(Math.round(view.latencies.reduce((a, b) => a + b, 0) / n));
+}
+
+function showStored(reason, metrics) {
+  view.ended = true;
+  setViewState("ended", "ended");
+  $("sv-end-reason").textContent = reason;
+  if (metrics.user_turns !== undefined) $("sv-turns").textContent = String(metrics.user_turns);
+  if (metrics.interruptions !== undefined) $("sv-interruptions").textContent = String(metrics.interruptions);
+  const response = metrics.response_ms || {};
+  if (response.p50 !== undefined) {
+    $("sv-p50").textContent = String(Math.round(response.p50));
+    $("sv-p95").textContent = String(Math.round(response.p95));
+  }
+  const stored = metrics.turn_latencies_ms || [];
+  if (stored.length) $("sv-latencies").textContent = stored.join(", ");
+}
+
+function watchSession(session) {
+  session.on("session.started", () => setViewState("live", "live"));
+  session.on("user_turn", () => { view.turns += 1; showLive(); });
+  session.on("metric", (e) => {
+    if (e.name !== "turn") return;
+    view.latencies.push(e.values.response_latency_ms);
+    showLive();
+  });
+  session.on("barge_in", () => { view.interruptions += 1; showLive(); });
+  session.on("session.ended", (e) => showStored(e.reason, e.metrics || {}));
+  session.on("close", (e) => {
+    if (view.ended) return;
+    setViewState("closed", "closed");  // no `session.ended`: refused, or the connection dropped
+    $("sv-end-reason").textContent = e.reason || `closed (${e.code})`;
+  });
+}
+
 async function start() {
   showError("");
   setRunning(true);
+  resetSessionView();
   try {
     const pipeInput = $("pipe").value.trim();
     const { token, pipe_id: pipeId } = await getToken(pipeInput);
@@ -85,6 +144,7 @@ async function start() {
       if (page.log.length > 20000) page.log.splice(0, 5000);
     };
     session.on("event", record);
+    watchSession(session);
     session.on("playback", (e) => record({ ...e, type: "playback" }));
     session.on("close", (e) => record({ type: "close", ...e }));
     session.on("state", ({ state }) => setStatus(state));
