@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from speechpipe import logs
 
 from . import agent as msg
 from . import events as ev
@@ -119,6 +122,7 @@ class PipelineSession:
         self.ended = asyncio.Event()
         self.end_reason: str | None = None
         self.metrics: dict[str, list[float]] = collections.defaultdict(list)
+        self.counts: collections.Counter[str] = collections.Counter()  # turns, interruptions (stored at end)
 
     # ---- wiring ------------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[ev.Event], None]) -> None:
@@ -136,6 +140,12 @@ class PipelineSession:
     def session_id(self) -> str | None:
         return self.info.session_id
 
+    @property
+    def log_ids(self) -> dict[str, str | None]:
+        """What `speechpipe.logs` stamps on every line this session logs."""
+        return {"session_id": self.info.session_id, "pipe_id": self.info.pipe_id,
+                "direction": self.info.direction, "agent_id": self.info.agent_id}
+
     async def start(self) -> None:
         """Open the session row and the recording, load the engines, start listening."""
         loop = asyncio.get_running_loop()
@@ -147,11 +157,16 @@ class PipelineSession:
                 caller=self.info.caller, caller_name=self.info.caller_name, metadata=self.info.metadata)
         elif self.info.session_id is None:
             self.info.session_id = f"local_{os.urandom(6).hex()}"
-        self.stt_engine = await loop.run_in_executor(self.engines.executor, self.engines.stt, cfg)
+        # From here the caller's task (the transport's, one per session) and every task the session makes
+        # log with its ids: tasks copy the context they are created in.
+        logs.bind(**self.log_ids)
+        self.stt_engine = await loop.run_in_executor(self.engines.executor, contextvars.copy_context().run,
+                                                     self.engines.stt, cfg)
         self.stt = self.stt_engine.new_stream(cfg.stt.language)
         self.vad = make_vad(cfg.vad)
         self.detector = TurnDetector(cfg.endpointing)
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
+        self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
         self.recorder: StereoRecorder | None = None
         if cfg.recording.enabled and self.recordings_dir is not None:
             self.recorder = StereoRecorder(self.recordings_dir / f"{self.info.session_id}.wav", PROCESS_RATE)
@@ -326,7 +341,8 @@ class PipelineSession:
             if prev is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(prev)
-            return await self._loop.run_in_executor(executor, fn, *args)
+            # Executor threads do not inherit the context: carry it, so STT lines keep the session's ids.
+            return await self._loop.run_in_executor(executor, contextvars.copy_context().run, fn, *args)
 
         fut = asyncio.ensure_future(run())
         self._stt_tail = fut
@@ -415,6 +431,7 @@ class PipelineSession:
             self._barge_in(text)
         self._supersede_unspoken()
         seq = self._next_seq()
+        self.counts["user_turns"] += 1
         turn = _UserTurnRecord(seq, text, end_wall if end_wall is not None else time.monotonic())
         self._answering[seq] = turn
         self._emit(ev.UserTurn(seq, text, start_ms, end_ms, typed))
@@ -501,6 +518,7 @@ class PipelineSession:
         if self._barge is None:
             return
         log.info("session %s: no barge-in (%s); agent audio resumes", self.session_id, why)
+        self.counts["false_barge_ins"] += 1
         self._barge = None
         self.speaker.paused = False
 
@@ -511,6 +529,8 @@ class PipelineSession:
         cut = self.speaker.cancel_all()
         self.speaker.paused = False
         self._emit(ev.Clear())
+        if cut:
+            self.counts["interruptions"] += 1
         for reply in cut:
             if reply.started_at is not None:
                 reaction = max(0.0, self._last_pull_wall - onset) * 1000
@@ -694,6 +714,7 @@ class PipelineSession:
         if not text:
             return
         seq = self._next_seq()
+        self.counts["agent_turns"] += 1
         self._emit(ev.AgentSpeechDone(reply.turn_id, text, interrupted, heard, start, end))
         self._store("add_turn", self.session_id, seq, "agent", text, start, end, interrupted, heard)
         if not interrupted:
@@ -718,6 +739,10 @@ class PipelineSession:
     # ---- the end -------------------------------------------------------------------------------------
     async def end(self, reason: str) -> None:
         """End the session (idempotent): keep every finished turn, finalise the recording, tell everyone."""
+        with logs.bound(**self.log_ids):  # also when called from outside the session's tasks (shutdown)
+            await self._end(reason)
+
+    async def _end(self, reason: str) -> None:
         if self.ended.is_set():
             return
         self.ended.set()
@@ -746,7 +771,7 @@ class PipelineSession:
             info = self.recorder.close()
             self._store("add_recording", self.session_id, str(info.path), "wav", info.sample_rate,
                         info.channels, info.duration_s, info.size_bytes, info.sha256)
-        summary = {k: _summary(v) for k, v in self.metrics.items()}
+        summary = self.metrics_summary()
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
         if self.store is not None:
@@ -757,15 +782,29 @@ class PipelineSession:
                 await self.agent.close(reason)
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
-        self._emit(ev.SessionEnded(reason))
+        self._emit(ev.SessionEnded(reason, summary))
         log.info("session %s ended: %s", self.session_id, reason)
         if self.on_end is not None:
             await self.on_end(reason)
+
+    def metrics_summary(self) -> dict[str, Any]:
+        """What `sessions.metrics` stores and `session.ended` carries: each turn's response latency (ms,
+        in order, at most MAX_TURN_LATENCIES), counts, and p50/p95/max of every measured series."""
+        latencies = self.metrics.get("response_ms", [])
+        counts = {k: self.counts[k] for k in COUNTED}
+        return {**counts, "turn_latencies_ms": [round(v) for v in latencies[:MAX_TURN_LATENCIES]],
+                **{k: _summary(v) for k, v in self.metrics.items() if v}}
+
+
+MAX_TURN_LATENCIES = 500  # keeps a very long call's metrics JSON small; the summaries still count all
+# interruptions: barge-ins that cut agent speech; false_barge_ins: speech over the agent that paused it,
+# then turned out to be noise or a backchannel (the agent resumed).
+COUNTED = ("user_turns", "agent_turns", "interruptions", "false_barge_ins")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"count": len(arr), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
-            "max": float(arr.max())}
+    return {"count": len(arr), "p50": round(float(np.percentile(arr, 50)), 1),
+            "p95": round(float(np.percentile(arr, 95)), 1), "max": round(float(arr.max()), 1)}

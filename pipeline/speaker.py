@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +108,10 @@ class Speaker:
         self._splitters: dict[int, SentenceSplitter] = {}
         self._task = asyncio.get_running_loop().create_task(self._synthesis_loop(), name="speaker")
         self.synth_first_chunk_ms: list[float] = []
+        # Per synthesized sentence: first_audio_ms (synthesis start → first chunk), compute_ms (synthesis
+        # time, waits for buffer space excluded) and audio_s; the session emits it as a `tts` metric.
+        self.on_metric: Callable[[dict[str, float]], None] | None = None
+        self._waited_s = 0.0  # time synthesis spent blocked on a full buffer
 
     # ---- text in (session loop) -------------------------------------------------------------------
     def begin(self, turn_id: int, interruptible: bool = True) -> Reply:
@@ -159,8 +164,8 @@ class Speaker:
         reply.sentences.append(sentence)
         resampler = Resampler(self._tts.sample_rate, self.output_rate)
         chunker = FrameChunker(self.output_rate)
-        t0 = time.monotonic()
-        first = True
+        t0, waited0 = time.monotonic(), self._waited_s
+        first, first_ms = True, 0.0
         stream = self._tts.stream(text, voice=self.config.voice, rate_wpm=self.config.rate_wpm,
                                   pitch=self.config.pitch)
         async with contextlib.aclosing(stream):  # a cut reply kills espeak-ng now, not at GC
@@ -168,7 +173,8 @@ class Speaker:
                 if reply.cancelled:
                     return
                 if first:
-                    self.synth_first_chunk_ms.append((time.monotonic() - t0) * 1000)
+                    first_ms = (time.monotonic() - t0) * 1000
+                    self.synth_first_chunk_ms.append(first_ms)
                     first = False
                 for frame in chunker.push(resampler.process(chunk)):
                     await self._enqueue(reply, sentence, frame)
@@ -180,11 +186,17 @@ class Speaker:
         if rest is not None:
             await self._enqueue(reply, sentence, rest)
         sentence.synthesized = True
+        if self.on_metric is not None and not first:
+            compute_s = time.monotonic() - t0 - (self._waited_s - waited0)
+            self.on_metric({"first_audio_ms": first_ms, "compute_ms": compute_s * 1000,
+                            "audio_s": sentence.samples / self.output_rate})
 
     async def _enqueue(self, reply: Reply, sentence: Sentence, frame: np.ndarray) -> None:
         while len(self._frames) >= self._max_buffered and not reply.cancelled:
             self._space.clear()
+            t = time.monotonic()
             await self._space.wait()
+            self._waited_s += time.monotonic() - t
         if reply.cancelled:
             return
         sentence.samples += len(frame)

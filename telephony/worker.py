@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from speechpipe import logs
 from speechpipe.errors import NotFoundError
 from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
 from speechpipe.pipeline.config import PipeConfig
@@ -44,6 +45,7 @@ from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.settings import Settings
 from speechpipe.storage import AsyncStore, Store
 from speechpipe.storage.records import Pipe
+from speechpipe.websocket_edge.metrics import TelemetryForwarder
 
 from .config import SipConfig
 from .endpoint import IncomingCall, MediaUp, SipEndpoint
@@ -164,6 +166,7 @@ class Worker:
         self.stats: dict[str, Any] = {"answered": 0, "rejected_no_pipe": 0, "ended": 0, "late_out": 0,
                                       "late_in": 0, "frames_out": 0, "recovered": 0}
         self.reg_state: dict[str, Any] | None = None
+        self.telemetry = TelemetryForwarder.from_env()  # started by serve: its /metrics counts our sessions
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
 
@@ -205,6 +208,8 @@ class Worker:
         live = [s.session for s in list(self.calls.values()) if s.session is not None]
         await asyncio.gather(*(end_session(session, "shutdown") for session in live),
                              return_exceptions=True)
+        if self.telemetry is not None:
+            await self.telemetry.close()  # their session.ended events reach serve first
         await self.loop.run_in_executor(None, self.endpoint.stop)
         self._status("stopped")
 
@@ -215,7 +220,8 @@ class Worker:
         for entry in sorted(self.journal_dir.glob("*.json")):
             try:
                 data = json.loads(entry.read_text())
-                await self._recover_one(data)
+                with logs.bound(session_id=str(data.get("session_id"))):
+                    await self._recover_one(data)
                 self.stats["recovered"] += 1
             except Exception:
                 log.exception("could not recover %s", entry)
@@ -258,6 +264,7 @@ class Worker:
             await self.endpoint.run(self.endpoint.hangup, call.key, 404, "Not Found")
             return
         state = CallState(call, pipe, PipeConfig.model_validate(pipe.config))
+        logs.bind(pipe_id=pipe.id, direction="inbound_phone", agent_id=state.config.agent_id)  # call's task
         self.calls[call.key] = state
 
         def bridge_factory(rate: int) -> FrameBridge:  # pjlib thread
@@ -284,6 +291,8 @@ class Worker:
 
     async def _start_session(self, state: CallState, media: MediaUp) -> None:
         call = state.incoming
+        # This task is the call's: the session binds its id here too, and its tasks inherit both.
+        logs.bind(pipe_id=state.pipe.id, direction="inbound_phone", agent_id=state.config.agent_id)
         info = SessionInfo(
             pipe_id=state.pipe.id, agent_id=state.config.agent_id, direction="inbound_phone",
             caller=call.caller, caller_name=call.caller_name,
@@ -299,6 +308,8 @@ class Worker:
         session = PipelineSession(info, state.config, self.engines, input_rate=media.rate,
                                   output_rate=media.rate, store=self.store,
                                   recordings_dir=self.recordings_dir, on_transfer=on_transfer, on_end=on_end)
+        if self.telemetry is not None:
+            self.telemetry.observe(session)
         try:
             await session.start()
         except Exception:
@@ -537,9 +548,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.002)
     if os.environ.get("SPEECHPIPE_SIP_STATUS_FD"):
         _set_parent_death_signal()
-    logging.basicConfig(level=os.environ.get("SPEECHPIPE_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s worker:{args.port or args.index} %(levelname)s %(name)s: "
-                               "%(message)s")
+    # The supervisor passes serve's SPEECHPIPE_LOG_FORMAT: JSON there means JSON here.
+    logs.configure_logging(os.environ.get("SPEECHPIPE_LOG_FORMAT", "text").strip() or "text",
+                           level=os.environ.get("SPEECHPIPE_LOG_LEVEL", "INFO"),
+                           process=f"worker:{args.port or args.index}")
     code = 0
     try:
         asyncio.run(amain(args))

@@ -5,6 +5,9 @@ in a `dispatch` frame, and the hub dispatches it like any web session. From then
 same text messages as `pipeline.agent.AgentLink`, both ways: the worker's session speaks to the runner
 through this process. Either side closing ends the other: a lost runner becomes `agent_gone` for the
 worker (its caller hears the apology), a lost worker ends the runner's call.
+
+A socket whose first frame is `{"type": "telemetry"}` instead carries a worker's session events for
+/metrics (see `metrics.TelemetryForwarder`); nothing of it reaches a runner.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from speechpipe import logs
 from speechpipe.pipeline.agent import AgentGone, AgentLink
 
 from .agent_channel import HUB_KEY
 from .dispatch import NoAgentAvailable
+from .metrics import count_dispatch_failure, relay_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +68,21 @@ async def relay_socket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     try:
         first = await ws.receive_json(timeout=10)
+        if first.get("type") == "telemetry":
+            return await relay_telemetry(request, ws)
         info = _Info(**{k: first[k] for k in _Info.__dataclass_fields__ if k in first})
     except Exception as exc:
         await ws.send_json({"type": "error", "code": "bad_dispatch", "message": str(exc)[:200]})
         await ws.close()
         return ws
+    # This socket serves one worker session: its lines and the bridge made for it carry the session's ids.
+    logs.bind(session_id=info.session_id, pipe_id=info.pipe_id, direction=info.direction,
+              agent_id=info.agent_id)
     session = RemoteSession(info)
     try:
         link = await request.app[HUB_KEY].dispatch(session)
     except NoAgentAvailable as exc:
+        count_dispatch_failure(request.app, exc.reason)
         await ws.send_json({"type": "no_agent", "reason": exc.reason})
         await ws.close()
         return ws

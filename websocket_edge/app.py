@@ -50,6 +50,7 @@ def default_route_groups() -> list[RouteGroup]:
     # These modules import this one's keys, so they load here.
     from speechpipe.websocket_edge.agent_channel import setup_agent_channel
     from speechpipe.websocket_edge.client_ws import setup_client_ws
+    from speechpipe.websocket_edge.metrics import setup_metrics
     from speechpipe.websocket_edge.rest import setup_rest
     from speechpipe.websocket_edge.static_routes import setup_test_page
 
@@ -58,6 +59,7 @@ def default_route_groups() -> list[RouteGroup]:
         setup_agent_channel,  # /v1/agents/connect, /v1/agents/bridge/{session_id}
         setup_client_ws,  # /v1/pipes/{pipe_id}/connect
         setup_test_page,  # /, /sdk/speechpipe.js
+        setup_metrics,  # /metrics (Prometheus)
     ]
 
 

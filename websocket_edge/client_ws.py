@@ -22,12 +22,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from speechpipe import logs
 from speechpipe.errors import WS_CLOSE_CODE_BY_CODE, Code, SpeechPipeError
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.websocket_edge.app import SETTINGS_KEY, STORE_KEY
+from speechpipe.websocket_edge.metrics import count_dispatch_failure, observe
 from speechpipe.websocket_edge.pacer import Outbox, Pacer
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,9 @@ class Connection:
             self.close_name = r.name
             await self._close(r.name, r.message)
             return self.ws
+        # This handler's task serves one session: its lines (and its tasks') carry the pipe, and the session
+        # id once `PipelineSession.start` binds it.
+        logs.bind(pipe_id=self._pipe_id, direction="web", agent_id=pipe_config.agent_id)
         self.outbox = Outbox(self.ws, max_backlog_bytes=int(self.limits.max_backlog_s * DEFAULT_RATE * 2),
                              on_overflow=self._on_overflow)
         self._tasks.append(asyncio.ensure_future(self.outbox.run()))
@@ -278,6 +283,7 @@ class Connection:
         self.outbox.max_backlog_bytes = int(self.limits.max_backlog_s * output_rate * 2)
         self.pacer = Pacer(session.pull_frame, self.outbox, ahead_s=self.limits.ahead_s)
         session.subscribe(self._on_event)
+        observe(edge.app, session)  # /metrics
         self.session = session
         try:
             await session.start()
@@ -299,6 +305,8 @@ class Connection:
             reason = str(getattr(exc, "reason", "") or reason)
             log.warning("session %s: no agent (%s: %s)", session.session_id, type(exc).__name__, exc)
             agent = None
+        if agent is None:
+            count_dispatch_failure(self.edge.app, reason)
         if session.ended.is_set():
             if agent is not None:
                 with contextlib.suppress(Exception):
@@ -323,6 +331,7 @@ class Connection:
         self.close_name = name
         session = self.session
         if session is not None:
+            logs.bind(**session.log_ids)  # this task may come from outside the session's (e.g. shutdown)
             try:
                 if not session.ended.is_set():
                     await session.end(end_reason)
@@ -339,6 +348,8 @@ class Connection:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._close(name, detail)
+        log.info("client ws of session %s closed: %d %s", session.session_id if session else "(none)",
+                 CLOSE_CODES.get(name, 1000), close_reason(name, detail).decode(errors="replace"))
 
     async def _close(self, name: str, detail: str) -> None:
         code = CLOSE_CODES.get(name, 1000)
