@@ -14,7 +14,8 @@ Reports:
 - turns lost: user turns the clients saw answered but SQL does not hold, plus sentences never answered
   (must be 0),
 - memory growth per node: RSS after the first round (models loaded) vs at the end, in MiB and MiB/minute,
-- response latency p50/p95 (the server's `metric` events: end of the user's speech → first agent frame).
+- response latency p50/p95 (the server's `metric` events: end of the user's speech → first agent frame),
+- how many sessions each node gave to a runner of the other node (its /metrics).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from tests.nodes import Cluster, Talker
+from tests.nodes import Cluster, Talker, hub_events
 from tests.speech import synth
 
 SENTENCES = ("What time does the shop open tomorrow?", "Please send me the invoice by email.",
@@ -94,6 +95,8 @@ async def soak(n: int, minutes: float, turns: int, tmp: Path) -> None:
             await asyncio.gather(*clients)
             rss1 = {node.name: node.rss_kib() for node in nodes}
             span_min = (time.monotonic() - t0) / 60
+            crossed = {node.name: (await hub_events(http, node.base)).get("jobs_accepted_by_peers", 0)
+                       for node in nodes}
         lost = 0
         for session_id, answered in stats.sessions:
             rows = cluster.store.list_turns(session_id)
@@ -107,6 +110,8 @@ async def soak(n: int, minutes: float, turns: int, tmp: Path) -> None:
               f"(missing in SQL {lost}, never answered {stats.unanswered})")
         print(f"  response latency: p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms "
               f"over {len(stats.latencies_ms)} turns")
+        print("  sessions answered by a runner of the other node: "
+              + ", ".join(f"held by {n} {c}" for n, c in crossed.items()))
         for name in rss0:
             growth = (rss1[name] - rss0[name]) / 1024
             print(f"  node {name} RSS: {rss0[name] / 1024:.0f} → {rss1[name] / 1024:.0f} MiB "

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.storage import Store
@@ -248,3 +249,11 @@ class Talker:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.client.send_json({"type": "stop"})
         return await self.client.closed()
+
+
+async def hub_events(http: aiohttp.ClientSession, base: str) -> dict[str, int]:
+    """The node's AgentHub counters, read from its /metrics."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    return {s.labels["event"]: int(s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "speechpipe_agent_hub_events_total"}

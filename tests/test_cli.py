@@ -154,6 +154,11 @@ def serve_factory() -> Iterator[list[Serve]]:
         s.stop()
 
 
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
 def wait_healthy(base: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -173,14 +178,15 @@ async def test_serve_prints_its_urls_and_serves_tokens_into_sqlite(tmp_path: Pat
     server = Serve(tmp_path)
     serve_factory.append(server)
     base = server.wait_for("listening on").split("listening on", 1)[1].strip()
-    labels = ("REST API", "OpenAPI", "client WebSocket", "agent channel", "test page", "health:")
+    labels = ("REST API", "OpenAPI", "client WebSocket", "agent channel", "test page", "health:", "metrics:")
     banner = "".join(server.output) + "".join(server.wait_for(m) for m in labels)
     ws = "ws" + base[4:]
     for url in (f"{base}/v1", f"{ws}/v1/pipes/{{pipe_id}}/connect", f"{ws}/v1/agents/connect", f"{base}/",
-                f"{base}/healthz", f"{base}/v1/openapi.json"):
+                f"{base}/healthz", f"{base}/v1/openapi.json", f"{base}/metrics"):
         assert url in banner, (url, banner)
     assert str(tmp_path) in banner and "speechpipe.db" in banner
     assert wait_healthy(base)["status"] == "ok"
+    assert "speechpipe_sessions_live" in fetch(base + "/metrics")
 
     # The README's flow: a backend mints a token with AsyncClient ...
     async with AsyncClient(api_key=key, base_url=base) as client:

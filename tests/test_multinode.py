@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .nodes import BIN, Cluster, Talker, clean_env
+from .nodes import BIN, Cluster, Talker, clean_env, hub_events
 from .speech import normalise_text
 
 pytestmark = pytest.mark.postgres
@@ -49,6 +49,9 @@ async def test_runner_on_one_node_answers_sessions_on_the_other(cluster: Cluster
         for heard, answer in answers:
             assert echoed(heard, answer), (heard, answer)
         assert [await t.close() for t in talkers] == [(1000, "normal: client_stop")] * 2
+        # Both nodes count it: B gave two jobs to a peer's runner, A's runner took two for a peer.
+        assert (await hub_events(http, node_b.base)).get("jobs_accepted_by_peers") == 2
+        assert (await hub_events(http, node_a.base)).get("jobs_accepted_for_peers") == 2
         b_ids = [t.session_id for t in talkers]
 
         # The runner moves: stop it on A, start one on B. New sessions on either node go to it.

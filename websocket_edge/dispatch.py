@@ -405,6 +405,8 @@ class AgentHub:
             return why
         runner.missed_acks = 0
         self.counters["jobs_accepted"] += 1
+        if runner.node is not None:
+            self.counters["jobs_accepted_by_peers"] += 1
         assert job.bridge is not None
         if not await job.bridge.wait_ready(max(0.0, min(self.hello_timeout_s, deadline - time.monotonic()))):
             if job.bridge.over:  # failed while we waited (the runner died)
