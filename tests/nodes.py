@@ -28,6 +28,7 @@ from speechpipe.storage import Store
 
 from .fixtures_db import DbFactory
 from .fixtures_web import RawClient
+from .procs import stop_process
 from .speech import silence, synth
 
 BIN = Path(sys.executable).parent
@@ -80,14 +81,7 @@ class Node:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
     def stop(self, sig: int = signal.SIGTERM, within_s: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(within_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, within_s)
 
 
 class Runner:
@@ -106,14 +100,7 @@ class Runner:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, within_s: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(within_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, sig, within_s)
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from speechpipe.client import AsyncClient
 from speechpipe.storage import Store
 from tests.fixtures_db import DbFactory
+from tests.procs import stop_process
 
 SPEECHPIPE = str(Path(sys.executable).parent / "speechpipe")
 
@@ -136,14 +136,8 @@ class Serve:
                 return line
         raise AssertionError(f"serve never printed {needle!r}:\n" + "".join(self.output))
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+    def stop(self) -> int | None:
+        return stop_process(self.proc)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from speechpipe.runner import AgentRunner, CallContext
 from speechpipe.storage import Store
 
 from .fixtures_web import RawClient
+from .procs import stop_process
 from .speech import silence, synth, wer
 from .test_cli import SPEECHPIPE, cli_env, wait_healthy
 
@@ -69,14 +69,8 @@ class JsonServe:
                 return message.split("listening on ", 1)[1].split()[0]
         raise AssertionError("serve never said where it listens:\n" + "".join(self.lines))
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+    def stop(self) -> int | None:
+        return stop_process(self.proc)
 
 
 async def echo_call(ctx: CallContext) -> None:
