@@ -6,7 +6,8 @@
 It registers on the control socket (API key, `SPEECHPIPE_URL` / `SPEECHPIPE_API_KEY` when not given),
 answers `job.assign` with `job.ack` (rejecting when at capacity, draining, or for another agent_id), dials
 each accepted job's bridge, waits for `call.started`, and runs `entrypoint(ctx)` then `ctx.session.run()`.
-A dropped control socket is redialled with exponential backoff and jitter; live calls keep their bridges.
+A dropped control socket is redialled with exponential backoff and jitter, trying the next node in turn when
+`SPEECHPIPE_URL` lists several (comma-separated); live calls keep their bridges.
 `shutdown()` drains: it tells the platform to stop offering jobs, waits for live calls up to
 `drain_timeout_s`, then ends the rest cleanly (`agent.end_call`, reason `runner_shutdown`). SIGTERM and
 SIGINT start it when `run()` owns the process.
@@ -86,7 +87,12 @@ class AgentRunner:
         self.capacity = int(capacity if capacity is not None else env.get("SPEECHPIPE_CAPACITY") or 10)
         if self.capacity < 1:
             raise RunnerError("capacity must be at least 1")
-        self.url = control_url(url or env.get("SPEECHPIPE_URL") or DEFAULT_URL)
+        # Several nodes of one deployment, comma-separated: a dropped control socket redials the next one.
+        raw = url or env.get("SPEECHPIPE_URL") or DEFAULT_URL
+        self.urls = [control_url(u.strip()) for u in raw.split(",") if u.strip()]
+        if not self.urls:
+            raise RunnerError(f"SPEECHPIPE_URL names no URL: {raw!r}")
+        self._url_index = 0
         self.api_key = api_key or env.get("SPEECHPIPE_API_KEY") or ""
         if not self.api_key:
             raise RunnerError("an API key is required: pass api_key= or set SPEECHPIPE_API_KEY")
@@ -115,6 +121,11 @@ class AgentRunner:
         self._shutdown: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        """The control socket URL dialled now (the first of `urls` until a drop moves on)."""
+        return self.urls[self._url_index]
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, timeout_s: float | None = None) -> None:
@@ -267,7 +278,9 @@ class AgentRunner:
             if self._stopping:
                 return
             delay = min(self.reconnect_max_s, self.reconnect_min_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-            attempt = min(attempt + 1, 16)
+            self._url_index = (self._url_index + 1) % len(self.urls)
+            if self._url_index == 0:  # back off once per round of the nodes, not per node
+                attempt = min(attempt + 1, 16)
             self.counters["reconnects"] += 1
             log.info("runner %s: reconnecting in %.2f s", self.worker_id, delay)
             await asyncio.sleep(delay)

@@ -138,9 +138,12 @@ class Cluster:
         advert = self.advert(node) or {}
         return int(((advert.get("agents") or {}).get(self.agent_id) or {}).get("runners", 0))
 
-    async def start_runner(self, name: str, node: str, capacity: int = 8, within_s: float = 30) -> Runner:
-        """A runner connected to `node` only; returns once `node` advertises it in Redis."""
-        runner = Runner(name, self.tmp, self.nodes[node].base, self.api_key, self.agent_id, capacity)
+    async def start_runner(self, name: str, node: str, capacity: int = 8, within_s: float = 30,
+                           fallback: tuple[str, ...] = ()) -> Runner:
+        """A runner connected to `node`; returns once `node` advertises it in Redis. `fallback`: nodes it
+        redials, in turn, when its control socket drops (SPEECHPIPE_URL lists them after `node`)."""
+        urls = ",".join(self.nodes[n].base for n in (node, *fallback))
+        runner = Runner(name, self.tmp, urls, self.api_key, self.agent_id, capacity)
         self.runners[name] = runner
         before = self.advertised_runners(node)
         deadline = time.monotonic() + within_s
@@ -149,6 +152,14 @@ class Cluster:
                 raise AssertionError(f"runner {name} did not register with node {node}:\n{runner.output()}")
             await asyncio.sleep(0.1)
         return runner
+
+    async def wait_advertised(self, node: str, runners: int, within_s: float = 30) -> None:
+        deadline = time.monotonic() + within_s
+        while self.advertised_runners(node) != runners:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"node {node} advertises {self.advertised_runners(node)} runners, "
+                                     f"not {runners}")
+            await asyncio.sleep(0.1)
 
     async def stop_runner(self, name: str, node: str, within_s: float = 30) -> None:
         """SIGTERM (the runner drains and exits); returns once `node` no longer advertises it."""

@@ -56,7 +56,7 @@ async def test_runner_on_one_node_answers_sessions_on_the_other(cluster: Cluster
 
         # The runner moves: stop it on A, start one on B. New sessions on either node go to it.
         await cluster.stop_runner("r1", "A")
-        await cluster.start_runner("r2", "B")
+        await cluster.start_runner("r2", "B", fallback=("A",))
         on_b, on_a = Talker(http, node_b, cluster.api_key, cluster.pipe_id), \
             Talker(http, node_a, cluster.api_key, cluster.pipe_id)
         await asyncio.gather(on_b.open(), on_a.open())
@@ -70,6 +70,12 @@ async def test_runner_on_one_node_answers_sessions_on_the_other(cluster: Cluster
         assert await on_a.close() == (1000, "normal: client_stop")
         lost = await on_b.client.closed(timeout_s=5)
         assert lost[0] != 1000, lost
+        # The runner redials the next node it knows, so A's new sessions still find it.
+        await cluster.wait_advertised("A", 1)
+        after = Talker(http, node_a, cluster.api_key, cluster.pipe_id)
+        await after.open()
+        assert echoed(*await after.say(SENTENCES[0]))
+        assert await after.close() == (1000, "normal: client_stop")
 
     # Everything A and B wrote is in the one PostgreSQL database.
     store = cluster.store
