@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-# System packages: the TTS engine, audio tools, SQLite shell; for tests also the SIP peers and Chromium.
+# System packages: the TTS engine, audio tools, SQLite shell; for tests also the SIP peers, Chromium and
+# real recorded speech.
 apt_pkgs=(espeak-ng sox libsndfile1 sqlite3 python3-venv ca-certificates)
-[ $dev = 1 ] && apt_pkgs+=(baresip sip-tester chromium iproute2 postgresql-client redis-tools)
+# asterisk-core-sounds-*: real recorded human speech with transcripts, the tests' development set.
+[ $dev = 1 ] && apt_pkgs+=(baresip sip-tester chromium iproute2 postgresql-client redis-tools
+                           asterisk-core-sounds-en asterisk-core-sounds-en-g722)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
