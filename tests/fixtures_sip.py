@@ -367,3 +367,37 @@ def netns() -> Iterator[NetNS]:
         yield ns
     finally:
         ns.close()
+
+
+# ------------------------------------------------------------------------------------------ greeting probe
+# Added for tests/test_phone_speech.py; everything above is unchanged. Workers load this factory with
+# SPEECHPIPE_SIP_AGENT_FACTORY=tests.fixtures_sip:greeting_probe_agent (see GREETING_FACTORY).
+
+GREETING = ("Hello, you have reached the speech pipe test line. This greeting is long on purpose, "
+            "so you can talk over it.")
+SHORT_ANSWER = "Okay."
+GREETING_FACTORY = "tests.fixtures_sip:greeting_probe_agent"
+
+
+class GreetingProbe(ProbeAgent):
+    """probe-greet: says GREETING when the call starts and answers every user turn with SHORT_ANSWER
+    (short, so it fits in the pause before a caller's next sentence)."""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self._closed:
+            raise AgentGone("closed")
+        self._log(message)
+        kind = message.get("type")
+        if kind == msg.CALL_STARTED:
+            await self._out.put({"type": msg.SAY, "text": GREETING})
+        elif kind == msg.USER_TEXT:
+            turn = int(message["turn_id"])
+            await self._out.put({"type": msg.TEXT_DELTA, "turn_id": turn, "text": SHORT_ANSWER})
+            await self._out.put({"type": msg.TEXT_END, "turn_id": turn})
+
+
+async def greeting_probe_agent(session: Any) -> AgentLink | None:
+    """`probe_agent` plus the probe-greet behaviour."""
+    if session.info.agent_id == "probe-greet":
+        return GreetingProbe("probe-greet", str(session.session_id), os.environ["PROBE_LOG"])
+    return await probe_agent(session)
