@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -18,8 +18,16 @@ class VADConfig(_Strict):
     engine: Literal["webrtc", "silero"] = "silero"
     # webrtcvad aggressiveness (0 = least, 3 = most eager to call audio non-speech).
     aggressiveness: int = Field(2, ge=0, le=3)
-    # Silero speech probability above which a frame counts as speech.
+    # Silero speech probability at which speech starts, and below which it ends again (hysteresis);
+    # None = threshold - 0.15, as Silero's own VADIterator.
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    neg_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _neg_below_threshold(self) -> VADConfig:
+        if self.neg_threshold is not None and self.neg_threshold > self.threshold:
+            raise ValueError("vad.neg_threshold must not exceed vad.threshold")
+        return self
 
 
 class STTConfig(_Strict):

@@ -40,7 +40,7 @@ from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .tts import EspeakTTS
 from .turns import Signal, TurnDetector
-from .vad import make_vad
+from .vad import make_vad, vad_rate
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,12 @@ class PipelineSession:
         self.stt_engine = await loop.run_in_executor(self.engines.executor, contextvars.copy_context().run,
                                                      self.engines.stt, cfg)
         self.stt = self.stt_engine.new_stream(cfg.stt.language)
-        self.vad = make_vad(cfg.vad)
+        self.vad = make_vad(cfg.vad, vad_rate(self.input_rate))
+        # A narrowband leg's VAD judges the native frames. Their votes wait here for the 16 kHz frame that
+        # covers the same 20 ms: the resampler's output lags its input, never leads it.
+        self._vad_chunker = FrameChunker(self.vad.rate) if self.vad.rate == self.input_rate != PROCESS_RATE \
+            else None
+        self._vad_votes: collections.deque[bool] = collections.deque()
         self.detector = TurnDetector(cfg.endpointing)
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
@@ -181,6 +186,7 @@ class PipelineSession:
         self._stt_batch: list[np.ndarray] = []
         self._stt_tail: asyncio.Future[Any] | None = None
         self._last_partial = ""
+        self._utterances = 0  # utterances started (tags partials with the utterance they belong to)
         self._onset_wall = 0.0
         self._last_voiced_wall = 0.0
         self._seq = 0  # turns rows, in the order turns end
@@ -263,8 +269,14 @@ class PipelineSession:
                 if item is None:
                     return
                 pcm, wall = item
+                if self._vad_chunker is not None:
+                    self._vad_votes.extend(self.vad.is_speech(f) for f in self._vad_chunker.push(pcm))
                 for frame in self._in_chunker.push(self._in_resampler.process(pcm)):
-                    await self._on_frame(frame, wall)
+                    if self._vad_chunker is None:
+                        voiced = self.vad.is_speech(frame)
+                    else:
+                        voiced = self._vad_votes.popleft() if self._vad_votes else False
+                    await self._on_frame(frame, voiced, wall)
                 await self._maybe_end_after_speech()
                 self._check_silence()
         except asyncio.CancelledError:
@@ -273,12 +285,11 @@ class PipelineSession:
             log.exception("session %s: input processing failed", self.session_id)
             self._spawn(self.end("error"))
 
-    async def _on_frame(self, frame: np.ndarray, wall: float) -> None:
+    async def _on_frame(self, frame: np.ndarray, voiced: bool, wall: float) -> None:
         self._book_playback()
         if self.recorder:
             self.recorder.add_user(frame)
         self._clock += len(frame)
-        voiced = self.vad.speech_prob(frame) >= self.config.vad.threshold
         signals = self.detector.process(voiced)
         if voiced and self.detector.in_utterance:
             self._last_voiced_wall = wall
@@ -288,6 +299,7 @@ class PipelineSession:
             return
         for signal in signals:
             if signal is Signal.SPEECH_START:
+                self._utterances += 1
                 self._onset_wall = wall - (self.detector.onset_frames - 1) * 0.02
                 self._last_voiced_wall = wall
                 for f in self._preroll:
@@ -360,13 +372,16 @@ class PipelineSession:
         self._stt_batch = []
         self._stt_run(self.stt.accept, audio)
         if self.stt_engine.streaming:
-            self._stt_run(self.stt.partial).add_done_callback(self._on_partial)
+            utterance = self._utterances
+            self._stt_run(self.stt.partial).add_done_callback(lambda f: self._on_partial(f, utterance))
 
-    def _on_partial(self, fut: asyncio.Future[str | None]) -> None:
+    def _on_partial(self, fut: asyncio.Future[str | None], utterance: int) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
         text = fut.result()
-        if text and text != self._last_partial and self.detector.in_utterance:
+        # The lane runs in order, so a partial of this utterance lands before its final even when a busy
+        # machine finishes it after the endpoint; only a partial of an earlier utterance is stale.
+        if text and text != self._last_partial and utterance == self._utterances:
             self._last_partial = text
             self._emit(ev.UserPartial(text))
             self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))

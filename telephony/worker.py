@@ -197,7 +197,8 @@ class Worker:
 
         config = PipeConfig(agent_id="warmup")
         self.engines.warm_up(config)
-        make_vad(config.vad).speech_prob(np.zeros(320, np.int16))
+        for rate in (8000, 16000):  # G.711 legs run the VAD's 8 kHz branch, G.722 legs the 16 kHz one
+            make_vad(config.vad, rate).speech_prob(np.zeros(rate // 50, np.int16))
 
     def request_stop(self) -> None:
         self._stop.set()
