@@ -315,7 +315,10 @@ class AgentRunner:
         try:
             while True:
                 # TimeoutError: the server went silent past its own heartbeat timeout; redial.
-                msg = await asyncio.wait_for(ws.receive(), self.heartbeat_timeout_s)
+                # `receive(timeout=)`, not `wait_for(receive())`: no task per frame, so frames already
+                # read are handled in this same step. A burst of job.assign is acked back to back, not one
+                # ack per pass of the event loop behind every call this runner is setting up.
+                msg = await ws.receive(timeout=self.heartbeat_timeout_s)
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     if msg.type == aiohttp.WSMsgType.BINARY:
                         self.counters["protocol_errors"] += 1
@@ -364,6 +367,9 @@ class AgentRunner:
             log.warning("runner %s: platform error %s: %s", self.worker_id, frame["code"], frame["message"])
 
     async def _on_job(self, job: dict[str, Any]) -> None:
+        """Answer a `job.assign` at once: the platform gives the ack a deadline, and the acks of the offers
+        behind this one wait for it. The call itself starts after the ack, in its own task. An `on_job`
+        filter that returns an awaitable is awaited in a task of its own, with the slot held meanwhile."""
         self.counters["jobs_offered"] += 1
         reason = None
         if self.draining or self._stopping:
@@ -372,28 +378,55 @@ class AgentRunner:
             reason = p.REJECT_AGENT_MISMATCH
         elif len(self.calls) >= self.capacity:
             reason = p.REJECT_AT_CAPACITY
-        elif self.on_job is not None:
+        if reason is not None:
+            await self._answer(job, reason)
+            return
+        call = _Call(job)
+        self.calls[call.job_id] = call  # counts against capacity from now on (also while a filter runs)
+        verdict: bool | Awaitable[bool] = True
+        if self.on_job is not None:
             try:
-                ok = self.on_job(job)
-                if inspect.isawaitable(ok):
-                    ok = await ok
+                verdict = self.on_job(job)
             except Exception:
                 log.exception("runner %s: on_job filter raised; rejecting job %s", self.worker_id,
                               job["job_id"])
-                ok = False
-            if not ok:
-                reason = p.REJECT_REFUSED
-        if reason is not None:
-            self.counters[f"jobs_rejected_{reason}"] += 1
-            await self._control_send({"type": p.JOB_ACK, "job_id": job["job_id"], "accepted": False,
-                                      "reason": reason})
+                verdict = False
+        if inspect.isawaitable(verdict):
+            self._spawn(self._filter_then_answer(call, verdict), f"on_job:{call.job_id}")
             return
-        call = _Call(job)
-        self.calls[call.job_id] = call  # counts against capacity from now on
+        await self._accept_or_refuse(call, bool(verdict))
+
+    async def _filter_then_answer(self, call: _Call, verdict: Awaitable[bool]) -> None:
+        try:
+            ok = bool(await verdict)
+        except Exception:
+            log.exception("runner %s: on_job filter raised; rejecting job %s", self.worker_id, call.job_id)
+            ok = False
+        await self._accept_or_refuse(call, ok)
+
+    async def _accept_or_refuse(self, call: _Call, ok: bool) -> None:
+        if not ok or self.draining or self._stopping:
+            self.calls.pop(call.job_id, None)
+            await self._answer(call.job, p.REJECT_REFUSED if not ok else p.REJECT_DRAINING)
+            return
         self.counters["jobs_accepted"] += 1
-        await self._control_send({"type": p.JOB_ACK, "job_id": job["job_id"], "accepted": True})
+        await self._answer(call.job, None)
         call.task = asyncio.get_running_loop().create_task(self._serve_call(call),
                                                            name=f"call:{call.session_id}")
+
+    async def _answer(self, job: dict[str, Any], reason: str | None) -> None:
+        """The `job.ack`: accepted when `reason` is None, else rejected for `reason`."""
+        frame: dict[str, Any] = {"type": p.JOB_ACK, "job_id": job["job_id"], "accepted": reason is None}
+        if reason is not None:
+            self.counters[f"jobs_rejected_{reason}"] += 1
+            frame["reason"] = reason
+        await self._control_send(frame)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- one call -----------------------------------------------------------------------------------------
     async def _serve_call(self, call: _Call) -> None:
