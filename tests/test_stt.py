@@ -22,7 +22,13 @@ import pytest
 from speechpipe.pipeline import models
 from speechpipe.pipeline.models import ModelUnavailable, get_stt_engine
 from speechpipe.pipeline.stt.vosk import VoskEngine
-from speechpipe.pipeline.stt.whisper import WhisperEngine, collapse_repeats, split_long
+from speechpipe.pipeline.stt.whisper import (
+    WhisperEngine,
+    collapse_repeats,
+    find_repeats,
+    repeated_tail,
+    split_long,
+)
 from tests.speech import (
     alaw_decode,
     alaw_encode,
@@ -272,6 +278,16 @@ def test_collapse_repeats_on_observed_loops() -> None:
                             hit_cap=False) == "Can I pay with a credit card?"
     looped = "I can't tell I'm not working anymore. " + "I'm not working anymore. " * 6 + "I'm not"
     assert collapse_repeats(looped, voiced_s=2.0, hit_cap=True) == "I can't tell I'm not working anymore."
+    # Real dev set (cannot-complete-as-dialed, both legs): the restart stops mid-word, "dial" for "dialed".
+    restart = "Your call cannot be completed as dialed. Your call cannot be completed as dial"
+    assert find_repeats(restart, voiced_s=2.2, hit_cap=False) == ("Your call cannot be completed as dialed.",
+                                                                 "restart")
+    assert collapse_repeats("Please hold. Please ho", voiced_s=1.0, hit_cap=False) == "Please hold."
+    # A cut-off tail repeating an earlier run is only a suspicion (the engine decodes again): digits repeat.
+    assert repeated_tail("Please enter the pound key the pound") == "the pound"
+    assert repeated_tail("My number is 5 5 5 1 2 1 2") == "1 2"
+    for said in ["Call me. Call me back tomorrow.", "I said no no no", "Thank you. Thank you very much."]:
+        assert repeated_tail(said) == ""
     # What people do say stays.
     for said in ["No, no.", "Yes. Yes, I did.", "Call me. Call me back tomorrow.", "I said no no no"]:
         assert collapse_repeats(said, voiced_s=1.5, hit_cap=False) == said

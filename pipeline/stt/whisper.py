@@ -83,20 +83,31 @@ def voiced_seconds(rms: np.ndarray) -> float:
     return float(np.count_nonzero(rms >= floor)) * _FRAME / SAMPLE_RATE
 
 
-def collapse_repeats(text: str, *, voiced_s: float, hit_cap: bool) -> str:
-    """Remove Whisper's decode loops when they cannot be real speech.
+def _copies(tail: list[str], src: list[str], *, cut: bool) -> bool:
+    """Whether `tail` repeats the opening of `src`; with `cut`, its last word may be cut short ("dial" for
+    "dialed"), as when the decoder stopped mid-word at the end of the window."""
+    n = len(tail)
+    if not tail or n > len(src) or tail[:-1] != src[: n - 1]:
+        return False
+    return tail[-1] == src[n - 1] or (cut and len(tail[-1]) >= 2 and src[n - 1].startswith(tail[-1]))
 
-    Two shapes: a run of one word block repeated ("Hello? Hello? Hello?"), collapsed to one copy when the
-    decode hit its length cap or the text has more words than the voiced audio could hold; and a restart,
-    where after a sentence the decoder begins an earlier sentence again and stops mid-way, without an end
-    of sentence ("Can I pay with a card? Can I pay with a"). Repeats a person could have said in that time
-    ("No, no.", a sentence said twice) stay.
+
+def find_repeats(text: str, *, voiced_s: float, hit_cap: bool) -> tuple[str, str]:
+    """Remove Whisper's decode loops when they cannot be real speech; returns (text, what was removed).
+
+    Three shapes. A run of one word block repeated ("Hello? Hello? Hello?"), collapsed to one copy when the
+    decode hit its length cap or the text has more words than the voiced audio could hold ("loop"). A
+    restart: after a sentence end the decoder begins an earlier sentence again and stops without an end
+    of sentence, often mid-word ("Your call cannot be completed as dialed. Your call cannot be completed as
+    dial"): the restarted tail goes ("restart"). Repeats a person could have said in that time ("No, no.",
+    a sentence said twice, "Call me. Call me back tomorrow.") stay. What is removed is "" when nothing was.
     """
     words = text.split()
     if len(words) < 2:
-        return text
+        return text, ""
     norm = [_norm_word(w) for w in words]
     implausible = len(words) / max(voiced_s, 0.3) > _MAX_WORDS_PER_VOICED_S
+    removed = ""
     keep: list[int] = []
     i = 0
     while i < len(words):
@@ -113,8 +124,9 @@ def collapse_repeats(text: str, *, voiced_s: float, hit_cap: bool) -> str:
             keep.extend(range(i, i + best_p))  # keep the first copy, with its punctuation
             i += best_n * best_p
             rest = len(words) - i
-            if hit_cap and 0 < rest < best_p and norm[i:] == block[:rest]:
+            if hit_cap and 0 < rest < best_p and _copies(norm[i:], block, cut=True):
                 i = len(words)  # the loop was cut mid-copy by the length cap
+            removed = "loop"
             continue
         keep.append(i)
         i += 1
@@ -128,10 +140,33 @@ def collapse_repeats(text: str, *, voiced_s: float, hit_cap: bool) -> str:
         tail = norm[i:]
         if not (implausible or hit_cap or (cut_off and len(tail) >= 2)):
             continue
-        if any(j + len(tail) <= i and norm[j : j + len(tail)] == tail for j in starts if j < i):
-            words = words[:i]
+        if any(_copies(tail, norm[j:i], cut=cut_off) for j in starts if j < i):
+            words, removed = words[:i], "restart"
             break
-    return " ".join(words) if len(words) != len(text.split()) else text
+    return (" ".join(words), removed) if removed else (text, "")
+
+
+def collapse_repeats(text: str, *, voiced_s: float, hit_cap: bool) -> str:
+    """`find_repeats` without the label: the text with the loops that cannot be real speech removed."""
+    return find_repeats(text, voiced_s=voiced_s, hit_cap=hit_cap)[0]
+
+
+def repeated_tail(text: str) -> str:
+    """A cut-off text whose last words repeat an earlier run of it: the shape of a decode that jumped back
+    and ran into the end of the window ("... the pound key the pound"). Returns the repeated words, or "".
+
+    Only a suspicion, never deleted on its own: a phone number read out ("5 5 5 1 2 1 2") has the same
+    shape. The engine decodes such audio a second time and keeps whichever decode has no repeat.
+    """
+    words = text.split()
+    if len(words) < 4 or words[-1][-1] in ".?!":
+        return ""
+    norm = [_norm_word(w) for w in words]
+    for i in range(2, len(norm) - 1):  # earliest start first: the longest tail
+        tail = norm[i:]
+        if any(_copies(tail, norm[j:i], cut=True) for j in range(i - len(tail) + 1)):
+            return " ".join(words[i:])
+    return ""
 
 
 def split_long(rms: np.ndarray, max_s: float) -> list[tuple[int, int]]:
