@@ -111,15 +111,15 @@ def speech_track() -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     return audio, energy_labels(audio), spans
 
 
-def _resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+def stream_resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """The session's own streaming resampler over a whole signal, same duration out."""
     r = Resampler(from_rate, to_rate)
     return _fit(np.concatenate([r.process(x), r.flush()]), len(x) * to_rate // from_rate)
 
 
-def _phone_leg(x: np.ndarray) -> np.ndarray:
+def phone_leg(x: np.ndarray) -> np.ndarray:
     """16 kHz audio as a PCMU call delivers it: 8 kHz, μ-law round trip (same number of 20 ms frames)."""
-    return ulaw_decode(ulaw_encode(_resample(x, RATE, NARROW)))
+    return ulaw_decode(ulaw_encode(stream_resample(x, RATE, NARROW)))
 
 
 def build_cases() -> list[Case]:
@@ -134,9 +134,9 @@ def build_cases() -> list[Case]:
         for snr in (20, 10, 5):
             mixed = sounds.add_at_snr(clean, noise, snr, mask)
             cases.append(Case(f"speech + {kind} {snr} dB SNR", mixed, labels, spans))
-    phone = _phone_leg(floored)
+    phone = phone_leg(floored)
     cases.append(Case("speech, phone μ-law 8k", phone, labels, spans, rate=NARROW))
-    cases.append(Case("speech, phone μ-law 8k→16k", _resample(phone, NARROW, RATE), labels, spans))
+    cases.append(Case("speech, phone μ-law 8k→16k", stream_resample(phone, NARROW, RATE), labels, spans))
 
     def noise_case(name: str, audio: np.ndarray) -> None:
         audio = _trim(audio)
@@ -182,7 +182,7 @@ def real_cases(limit: int | None = None) -> list[Case]:
     narrow = np.concatenate(tel)
     return [Case("real speech, wideband 16k", np.concatenate(wide), truth, spans),
             Case("real speech, telephone 8k", narrow, truth, spans, rate=NARROW),
-            Case("real speech, telephone 8k→16k", _resample(narrow, NARROW, RATE), truth, spans)]
+            Case("real speech, telephone 8k→16k", stream_resample(narrow, NARROW, RATE), truth, spans)]
 
 
 def at_rate(vad: VAD, rate: int) -> VAD:
