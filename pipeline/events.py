@@ -50,6 +50,18 @@ class UserTurn(Event):
 
 
 @dataclass
+class UserNonTurn(Event):
+    """User speech that did not become a turn, kept so no word vanishes: `kind` is 'backchannel' (only
+    "mm-hm", "okay"… over the agent, which carried on) or 'noise' (no meaningful words; `text` may be "")."""
+
+    type: ClassVar[str] = "user.non_turn"
+    kind: str
+    text: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
 class AgentReply(Event):
     """The agent's full text for one reply, sent once it is complete (or cut by barge-in)."""
 

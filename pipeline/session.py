@@ -57,6 +57,12 @@ def _fold(word: str) -> str:
     return re.sub(r"(.)\1+", r"\1", re.sub(r"[\W_]", "", word))
 
 
+def _fillers_only(text: str) -> bool:
+    """Nothing but hums, fillers and stray letters ("Hmm.", "Uh, m")."""
+    words = [_fold(w) for w in _WORD.findall(text.lower())]
+    return all(_HUM.fullmatch(w) or (len(w) == 1 and w not in "ia" and not w.isdigit()) for w in words)
+
+
 class Engines:
     """Process-wide engines: models load once and every session shares them."""
 
@@ -322,9 +328,11 @@ class PipelineSession:
             elif signal in (Signal.END, Signal.MAX_LENGTH):
                 await self._end_of_utterance(forced=signal is Signal.MAX_LENGTH)
             elif signal is Signal.DISCARD:
+                # Too short to be a turn by the VAD's count, but a short "No." is still words: decode it
+                # (off the frame loop; the lane keeps the order) and let the words decide.
+                fut = self._stt_final()
                 self._reset_stt()
-                if self._barge is not None:
-                    self._barge_resume("too short")
+                self._spawn(self._short_utterance(fut, self.detector.start_ms(), self.detector.end_ms()))
         if self.detector.in_utterance and Signal.SPEECH_START not in signals:
             if self.detector.state.value == "speaking" and Signal.RESUME not in signals:
                 self._feed_stt(frame)
@@ -422,21 +430,53 @@ class PipelineSession:
         self.metrics["final_ms"].append(final_ms)
         self._emit(ev.Metric("stt", {"final_ms": final_ms, "compute_ms": transcript.compute_s * 1000,
                                      "audio_s": transcript.audio_s}))
+        await self._judge_utterance(text, start_ms, end_ms, end_wall)
+
+    async def _short_utterance(self, fut: asyncio.Future[Transcript], start_ms: int, end_ms: int) -> None:
+        try:
+            text = (await fut).text.strip()
+        except Exception:
+            log.exception("session %s: STT failed on a short utterance %d-%d ms", self.session_id,
+                          start_ms, end_ms)
+            self._barge_resume("stt failed")
+            return
+        await self._judge_utterance(text, start_ms, end_ms, self._last_voiced_wall, short=True)
+
+    async def _judge_utterance(self, text: str, start_ms: int, end_ms: int, end_wall: float, *,
+                               short: bool = False) -> None:
+        """Every finished utterance ends here, and none vanishes: it becomes a user turn, or a stored,
+        marked non-turn (a backchannel over the agent; noise), with an event, a metric and a log line."""
+        words = self._meaningful(text)
         b = self._barge
         if b is not None:
-            # The user spoke over the agent and has finished: a cut only if the words hold up (the same
-            # meaningful word as the last check, or a streaming engine's text); otherwise it was noise or a
-            # backchannel, and the agent carries on as if nothing happened.
-            words = self._meaningful(text)
+            # The user spoke over the agent and has finished. Cut the agent only if the words hold up (the
+            # same meaningful word as the last check, or a streaming engine's text); Whisper on a cough can
+            # invent a word, a real interruption says it twice.
             agreed = bool(words & b.get("words", set())) or self.stt_engine.streaming
-            if not (words and (agreed or self.config.barge_in.min_words == 0)):
+            if words and (agreed or self.config.barge_in.min_words == 0):
+                self._barge_in(text)
+            else:
                 self._barge_resume(f"not an interruption: {text!r}")
-                return
-            self._barge_in(text)
-        if not text:
-            log.info("session %s: utterance %d-%d ms had no words (noise)", self.session_id, start_ms, end_ms)
+                if not words:
+                    self._non_turn("backchannel" if text else "noise", text, start_ms, end_ms)
+                    return
+                # Real words that did not earn a cut: the agent finishes its sentence, then hears them.
+                log.info("session %s: %r said over the agent becomes a turn after the reply",
+                         self.session_id, text)
+        elif not text or (short and _fillers_only(text)):
+            # A blip shorter than min_speech_ms that says only "hm" is not a turn; a short "No." is.
+            self._non_turn("noise", text, start_ms, end_ms)
             return
         await self._user_turn(text, start_ms, end_ms, end_wall=end_wall)
+
+    def _non_turn(self, kind: str, text: str, start_ms: int, end_ms: int) -> None:
+        self.counts["non_turns"] += 1
+        self._emit(ev.UserNonTurn(kind, text, start_ms, end_ms))
+        if text:
+            self._store("add_turn", self.session_id, self._next_seq(), "user", text, start_ms, end_ms,
+                        False, None, kind)
+        log.info("session %s: user speech %d-%d ms kept as %s, not a turn: %r", self.session_id, start_ms,
+                 end_ms, kind, text)
 
     async def _user_turn(self, text: str, start_ms: int, end_ms: int, *, typed: bool = False,
                          end_wall: float | None = None) -> None:
@@ -523,8 +563,8 @@ class PipelineSession:
         if len(words) < max(self.config.barge_in.min_words, 1):
             return set()
         backchannel = {_fold(w) for w in self.config.barge_in.backchannel_words}
-        return {w for w in words
-                if (len(w) > 1 or w == "i") and w not in backchannel and not _HUM.fullmatch(w)}
+        return {w for w in words  # a lone digit is a word ("7 8 9" dictated over the agent), a letter not
+                if (len(w) > 1 or w == "i" or w.isdigit()) and w not in backchannel and not _HUM.fullmatch(w)}
 
     def _qualifies(self, text: str) -> bool:
         return bool(self._meaningful(text))
@@ -814,7 +854,8 @@ class PipelineSession:
 MAX_TURN_LATENCIES = 500  # keeps a very long call's metrics JSON small; the summaries still count all
 # interruptions: barge-ins that cut agent speech; false_barge_ins: speech over the agent that paused it,
 # then turned out to be noise or a backchannel (the agent resumed).
-COUNTED = ("user_turns", "agent_turns", "interruptions", "false_barge_ins")
+# non_turns: user speech kept but not made a turn (`user.non_turn`: backchannels, noise).
+COUNTED = ("user_turns", "agent_turns", "interruptions", "false_barge_ins", "non_turns")
 
 
 def _summary(values: list[float]) -> dict[str, float]:

@@ -118,9 +118,10 @@ class AsyncStore:
 
     # Turns and recordings
     async def add_turn(self, session_id: str, seq: int, role: str, text: str, start_ms: int | None,
-                       end_ms: int | None, interrupted: bool = False, heard_text: str | None = None) -> Turn:
+                       end_ms: int | None, interrupted: bool = False, heard_text: str | None = None,
+                       kind: str = "turn") -> Turn:
         return await self._run(self.store.add_turn, session_id, seq, role, text, start_ms, end_ms,
-                               interrupted, heard_text)
+                               interrupted, heard_text, kind)
 
     async def list_turns(self, session_id: str) -> list[Turn]:
         return await self._run(self.store.list_turns, session_id)

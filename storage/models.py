@@ -143,6 +143,7 @@ class TurnRow(Base):
     __table_args__ = (
         UniqueConstraint("session_id", "seq"),
         CheckConstraint("role IN ('user', 'agent')", name="role"),
+        CheckConstraint("kind IN ('turn', 'backchannel', 'noise')", name="kind"),
     )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
@@ -156,6 +157,9 @@ class TurnRow(Base):
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # For an interrupted agent turn: the part of `text` the user actually heard.
     heard_text: Mapped[str | None] = mapped_column(Text)
+    # 'turn': a turn of the conversation. User speech that was not one is kept too, marked: 'backchannel'
+    # (only "mm-hm", "okay"…, said over the agent, which carried on) or 'noise' (no meaningful words).
+    kind: Mapped[str] = mapped_column(String(16), default="turn", server_default="turn")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

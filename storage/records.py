@@ -99,6 +99,7 @@ class Turn:
     interrupted: bool
     heard_text: str | None
     created_at: datetime
+    kind: str = "turn"  # TURN_KINDS
 
 
 @dataclass(frozen=True)

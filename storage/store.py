@@ -64,6 +64,7 @@ RECORDINGS = RecordingRow.__table__
 
 DIRECTIONS: Final = ("web", "inbound_phone", "outbound_phone")
 ROLES: Final = ("user", "agent")
+TURN_KINDS: Final = ("turn", "backchannel", "noise")  # see TurnRow.kind
 MAX_METADATA_BYTES: Final = 16 * 1024
 MAX_PAGE: Final = 200
 
@@ -412,9 +413,12 @@ class Store:
     # ---------------------------------------------------------------- turns
 
     def add_turn(self, session_id: str, seq: int, role: str, text: str, start_ms: int | None,
-                 end_ms: int | None, interrupted: bool = False, heard_text: str | None = None) -> Turn:
+                 end_ms: int | None, interrupted: bool = False, heard_text: str | None = None,
+                 kind: str = "turn") -> Turn:
         if role not in ROLES:
             raise ValidationError("role must be 'user' or 'agent'")
+        if kind not in TURN_KINDS:
+            raise ValidationError(f"kind must be one of {', '.join(TURN_KINDS)}")
         _check_text("text", text, 1_000_000, required=True, allow_empty=True)
         _check_text("heard_text", heard_text, 1_000_000, allow_empty=True)
         for name, v in (("seq", seq), ("start_ms", start_ms), ("end_ms", end_ms)):
@@ -429,10 +433,11 @@ class Store:
                 raise ConflictError(f"session {session_id} already has turn {seq}")
             turn_id = conn.execute(insert(TURNS).values(
                 session_id=session_id, seq=seq, role=role, text=text, start_ms=start_ms, end_ms=end_ms,
-                interrupted=bool(interrupted), heard_text=heard_text, created_at=now,
+                interrupted=bool(interrupted), heard_text=heard_text, created_at=now, kind=kind,
             ).returning(TURNS.c.id)).scalar_one()
         return Turn(id=turn_id, session_id=session_id, seq=seq, role=role, text=text, start_ms=start_ms,
-                    end_ms=end_ms, interrupted=bool(interrupted), heard_text=heard_text, created_at=now)
+                    end_ms=end_ms, interrupted=bool(interrupted), heard_text=heard_text, created_at=now,
+                    kind=kind)
 
     def list_turns(self, session_id: str) -> list[Turn]:
         """The session's turns in `seq` order; raises NotFoundError for an unknown session."""

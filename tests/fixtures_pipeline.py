@@ -40,9 +40,9 @@ async def talk(engines: Engines, tmp_path: Path):
 
     async def make(config: PipeConfig | None = None, agent: AgentLink | None = None, *,
                    input_rate: int = 16000, output_rate: int = 16000, store=None,
-                   direction: str = "web") -> Talk:
+                   direction: str = "web", pipe_id: str = "pipe_test") -> Talk:
         config = config or PipeConfig(agent_id="test")
-        info = SessionInfo(pipe_id="pipe_test", agent_id=config.agent_id, direction=direction)
+        info = SessionInfo(pipe_id=pipe_id, agent_id=config.agent_id, direction=direction)
         session = PipelineSession(info, config, engines, input_rate=input_rate, output_rate=output_rate,
                                   store=store, recordings_dir=tmp_path)
         t = Talk(session, RealtimeLine(session))

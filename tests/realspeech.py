@@ -68,6 +68,21 @@ def _eligible(name: str, text: str) -> bool:
 
 
 @functools.cache
+def _transcripts() -> dict[str, str]:
+    with gzip.open(TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as f:
+        rows = [line.split(":", 1) for line in f if ":" in line and not line.startswith(";")]
+    return {name.strip(): " ".join(text.split()) for name, text in rows}
+
+
+def prompt(name: str) -> Utterance:
+    """Any prompt by name, e.g. "call-waiting" or "digits/4" (short ones the dev set leaves out)."""
+    reason = missing()
+    if reason:
+        raise RuntimeError(reason)
+    return Utterance(name, _transcripts()[name])
+
+
+@functools.cache
 def devset(size: int = SET_SIZE) -> tuple[Utterance, ...]:
     """`size` eligible prompts, evenly spaced in name order (deterministic)."""
     reason = missing()
@@ -75,10 +90,7 @@ def devset(size: int = SET_SIZE) -> tuple[Utterance, ...]:
         raise RuntimeError(reason)
     chosen: list[Utterance] = []
     seen: set[str] = set()
-    with gzip.open(TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as f:
-        rows = [line.split(":", 1) for line in f if ":" in line and not line.startswith(";")]
-    for name, text in sorted((n.strip(), t.strip()) for n, t in rows):
-        text = " ".join(text.split())
+    for name, text in sorted(_transcripts().items()):
         if "/" not in name and text.lower() not in seen and _eligible(name, text):
             seen.add(text.lower())  # one recording per sentence ("invalid" and "pbx-invalid" say the same)
             chosen.append(Utterance(name, text))

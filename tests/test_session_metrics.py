@@ -65,7 +65,7 @@ async def test_session_metrics_are_queryable_with_plain_sql_and_rest(live_server
             quiet_body = await resp.json()
     assert body["metrics"] == talky_metrics and body["end_reason"] == "client_stop"
     assert quiet_body["metrics"] == {"user_turns": 0, "agent_turns": 0, "interruptions": 0,
-                                     "false_barge_ins": 0, "turn_latencies_ms": []}
+                                     "false_barge_ins": 0, "non_turns": 0, "turn_latencies_ms": []}
     engines.executor.shutdown()
 
 

@@ -39,6 +39,35 @@ def test_migrations_upgrade_an_empty_database_to_exactly_the_models(db_factory: 
         store.close()
 
 
+def test_turn_kind_migration_keeps_existing_turns_and_marks_them_turns(db_factory: DbFactory) -> None:
+    """0001 → 0002 on a database with a stored turn: the row survives as kind 'turn', new rows may be
+    marked, an unknown kind is refused by the database itself, and the role check still holds."""
+    from speechpipe.storage.migrate import upgrade
+
+    store = Store(db_factory.new_url())
+    try:
+        upgrade(store.engine, "0001")
+        pipe = store.create_pipe({"agent_id": "a"})
+        sid = store.create_session(pipe_id=pipe.id, agent_id="a", direction="web")
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO turns (session_id, seq, role, text, interrupted, created_at) "
+                              "VALUES (:s, 0, 'user', 'said before the upgrade', false, :t)"),
+                         {"s": sid, "t": datetime.now(UTC)})
+        assert store.upgrade() == head_revision()
+        store.add_turn(sid, 1, "user", "mm-hm", 900, 1200, kind="backchannel")
+        assert [(t.text, t.kind) for t in store.list_turns(sid)] == [
+            ("said before the upgrade", "turn"), ("mm-hm", "backchannel")]
+        with pytest.raises(ValidationError):
+            store.add_turn(sid, 2, "user", "x", None, None, kind="whisper")
+        for kind, role in (("whisper", "user"), ("turn", "system")):
+            with pytest.raises(Exception, match=r"(?i)check|constraint"), store.engine.begin() as conn:
+                conn.execute(text("INSERT INTO turns (session_id, seq, role, text, interrupted, created_at, "
+                                  "kind) VALUES (:s, 3, :r, 'x', false, :t, :k)"),
+                             {"s": sid, "t": datetime.now(UTC), "k": kind, "r": role})
+    finally:
+        store.close()
+
+
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'speechpipe.db'}")
     try:

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 METRICS_PATH = "/metrics"
 DIRECTIONS = ("web", "inbound_phone")
 # The events /metrics counts; the only ones a worker forwards.
-COUNTED = (ev.SessionStarted, ev.UserTurn, ev.AgentSpeechDone, ev.BargeIn, ev.Metric, ev.SessionEnded)
+COUNTED = (ev.SessionStarted, ev.UserTurn, ev.UserNonTurn, ev.AgentSpeechDone, ev.BargeIn, ev.Metric,
+           ev.SessionEnded)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 FAST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 # Close names only admission gives (credentials, origin, capacity): a refused connection, not a session.
@@ -97,6 +98,9 @@ class Telemetry:
                              "replies, cut ones included)", ["role", "direction"], registry=r)
         self.interrupted = Counter("speechpipe_agent_turns_interrupted", "Agent turns cut before their end "
                                    "(barge-in, superseded, session over)", d, registry=r)
+        self.non_turns = Counter("speechpipe_user_non_turns", "User speech kept but not made a turn: "
+                                 "backchannels over the agent, utterances with no meaningful words",
+                                 ["kind", "direction"], registry=r)
         self.barge_ins = Counter("speechpipe_barge_ins", "Agent replies cut by the user speaking or typing",
                                  d, registry=r)
         self.response_latency = Histogram(
@@ -124,6 +128,8 @@ class Telemetry:
                 family.labels(direction)
             for role in ("user", "agent"):
                 self.turns.labels(role, direction)
+            for kind in ("backchannel", "noise"):
+                self.non_turns.labels(kind, direction)
         self.dispatch_failures: collections.Counter[str] = collections.Counter()
         self._live: dict[str, tuple[str, object | None]] = {}  # session id → (direction, remote source)
         self._end_reasons = _Labels()
@@ -157,6 +163,8 @@ class Telemetry:
             self._ended(session_id, str(event.get("reason") or "unknown"))
         elif kind == ev.UserTurn.type:
             self.turns.labels("user", d).inc()
+        elif kind == ev.UserNonTurn.type and event.get("kind") in ("backchannel", "noise"):
+            self.non_turns.labels(str(event["kind"]), d).inc()
         elif kind == ev.AgentSpeechDone.type:
             self.turns.labels("agent", d).inc()
             if event.get("interrupted"):

@@ -151,6 +151,9 @@ class Turn(_Out):
     end_ms: int | None
     interrupted: bool
     heard_text: str | None = Field(description="For an interrupted agent turn: what the user heard.")
+    kind: Literal["turn", "backchannel", "noise"] = Field(
+        "turn", description="'turn' for a conversation turn; user speech that was not one is kept and "
+        "marked: 'backchannel' (only \"mm-hm\", \"okay\"… over the agent, which carried on) or 'noise'.")
     created_at: datetime
 
 

@@ -260,7 +260,7 @@ async def get_transcript(request: web.Request) -> web.Response:
     turns = await request.app[STORE_KEY].list_turns(session_id)
     out = [api.Turn(seq=t.seq, role=t.role, text=t.text, start_ms=t.start_ms,  # type: ignore[arg-type]
                     end_ms=t.end_ms, interrupted=t.interrupted, heard_text=t.heard_text,
-                    created_at=t.created_at) for t in turns]
+                    kind=t.kind, created_at=t.created_at) for t in turns]  # type: ignore[arg-type]
     return _json(api.Transcript(session_id=session_id, turns=out))
 
 
