@@ -39,7 +39,7 @@ from .recorder import StereoRecorder
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .tts import EspeakTTS
-from .turns import Signal, TurnDetector
+from .turns import Signal, TurnDetector, looks_unfinished
 from .vad import make_vad, vad_rate
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,12 @@ class _UserTurnRecord:
     seq: int
     text: str
     end_wall: float
+    typed: bool = False
+
+
+# A spoken turn that starts before the answer to an unfinished-looking turn is audible, or within this much
+# of it, continues that turn: the agent hears both halves as one ("four five six" … "seven eight nine").
+JOIN_WINDOW_MS = 2000
 
 
 TransferHook = Callable[[str, str], Awaitable[str | None]]  # (target, mode) -> error code or None
@@ -199,6 +205,8 @@ class PipelineSession:
         self._turn_ids = 0
         self._say_ids = 0
         self._pending_user: list[_UserTurnRecord] = []  # waiting for an agent to attach
+        self._last_user: _UserTurnRecord | None = None
+        self._cut_at: dict[int, int | None] = {}  # user turn → where its cut answer began (clock samples)
         self._replies: dict[int, Reply] = {}
         self._reply_text: dict[int, list[str]] = {}
         self._answering: dict[int, _UserTurnRecord] = {}
@@ -484,18 +492,47 @@ class PipelineSession:
             return
         if typed and self.speaker.active is not None:
             self._barge_in(text)
+        fragment = None if typed else self._fragment_continued(text, start_ms)
         self._supersede_unspoken()
         seq = self._next_seq()
         self.counts["user_turns"] += 1
-        turn = _UserTurnRecord(seq, text, end_wall if end_wall is not None else time.monotonic())
+        turn = _UserTurnRecord(seq, text, end_wall if end_wall is not None else time.monotonic(), typed)
         self._answering[seq] = turn
+        self._last_user = turn
         self._emit(ev.UserTurn(seq, text, start_ms, end_ms, typed))
         self._store("add_turn", self.session_id, seq, "user", text, start_ms, end_ms)
         log.info("session %s: user turn %d: %r", self.session_id, seq, text)
+        message: dict[str, Any] = {"type": msg.USER_TEXT, "turn_id": seq, "text": text}
+        if fragment is not None:
+            # The rows keep what was said in each half; the agent hears the whole thought once.
+            message.update(text=f"{fragment.text} {text}", continues=fragment.seq)
+            log.info("session %s: user turn %d continues turn %d: %r", self.session_id, seq, fragment.seq,
+                     message["text"])
         if self.agent is None:
             self._pending_user.append(turn)
         else:
-            await self._to_agent({"type": msg.USER_TEXT, "turn_id": seq, "text": text})
+            await self._to_agent(message)
+
+    def _fragment_continued(self, text: str, start_ms: int) -> _UserTurnRecord | None:
+        """The previous spoken turn, when the one that started at `start_ms` continues it: it read as
+        unfinished, and the user went on before its answer was audible or within its first JOIN_WINDOW_MS
+        (session clock, so a slow machine does not change the verdict). An answer still playing to half a
+        thought is cut: the user talked over it with the rest."""
+        prev = self._last_user
+        if prev is None or prev.typed or not looks_unfinished(prev.text):
+            return None
+        reply = self._replies.get(prev.seq)
+        if prev.seq in self._cut_at:
+            answer_pos = self._cut_at[prev.seq]
+        elif prev.seq in self._answering:
+            answer_pos = reply.first_frame_pos if reply is not None and reply.started_at is not None else None
+        else:
+            return None  # answered in full: the new turn stands on its own
+        if answer_pos is not None and start_ms - answer_pos * 1000 // PROCESS_RATE > JOIN_WINDOW_MS:
+            return None
+        if reply is not None and reply.started_at is not None and not reply.finished and not reply.cancelled:
+            self._barge_in(text)
+        return prev
 
     def _supersede_unspoken(self) -> None:
         """A new user turn replaces answers the user has not started hearing yet."""
@@ -587,6 +624,7 @@ class PipelineSession:
         if cut:
             self.counts["interruptions"] += 1
         for reply in cut:
+            self._cut_at[reply.turn_id] = reply.first_frame_pos if reply.started_at is not None else None
             if reply.started_at is not None:
                 reaction = max(0.0, self._last_pull_wall - onset) * 1000
                 self.metrics["barge_in_ms"].append(reaction)

@@ -7,6 +7,7 @@ lists of booleans. Hysteresis on both edges keeps VAD flicker from starting or r
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from .config import EndpointingConfig
@@ -115,3 +116,25 @@ class TurnDetector:
     def end_ms(self) -> int:
         """End of the last voiced frame of the current/last utterance."""
         return (self.last_voiced + 1) * self.frame_ms
+
+
+# Words a finished sentence rarely ends on: the user paused mid-thought ("I'd like to", "my number is").
+_OPEN_ENDINGS = frozenset(
+    "a an the to of for with and or but my your our is are was were at in on from by than that "
+    "because if so um uh".split())
+_NUMBER_WORDS = frozenset(
+    "zero oh one two three four five six seven eight nine ten eleven twelve hundred thousand".split())
+_LAST_WORD = re.compile(r"([\w']+)\W*$")
+
+
+def looks_unfinished(text: str) -> bool:
+    """Whether a transcribed turn reads as cut off mid-thought: no sentence end, or it ends on a word a
+    sentence rarely ends on, or on a number (digits dictated in groups: "four five six")."""
+    text = text.strip()
+    if not text:
+        return False
+    m = _LAST_WORD.search(text.lower())
+    last = m.group(1) if m else ""
+    if last.isdigit() or last in _NUMBER_WORDS or last in _OPEN_ENDINGS:
+        return True
+    return text[-1] not in ".?!…"

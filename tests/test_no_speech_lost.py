@@ -92,7 +92,9 @@ async def test_two_words_over_the_greeting_become_a_turn(talk, sql_store: Store,
 
 @pytest.mark.parametrize("rate", LEGS)
 async def test_a_number_dictated_over_the_answer_is_all_heard(talk, sql_store: Store, rate: int) -> None:
-    t = await _open(talk, sql_store, CallbackAgent(lambda text: LONG_ANSWER), rate)
+    agent_heard: list[str] = []
+    answer = CallbackAgent(lambda text: agent_heard.append(text) or LONG_ANSWER)
+    t = await _open(talk, sql_store, answer, rate)
     await t.line.play(_digits("456", rate))
     assert await t.line.until(lambda: t.of(ev.AgentSpeechStarted), 10)  # the agent answers the first half
     await t.line.silence(0.3)
@@ -102,6 +104,9 @@ async def test_a_number_dictated_over_the_answer_is_all_heard(talk, sql_store: S
          if not isinstance(e, ev.Metric)]
     heard = "".join(_as_digits(u.text) for u in t.of(ev.UserTurn))
     assert "456" in heard and heard.index("456") < heard.index("789")
+    # The second half continues the first: the agent hears the whole number as one turn.
+    assert await t.line.until(lambda: len(agent_heard) >= 2, 10), agent_heard
+    assert "456789" in _as_digits(agent_heard[-1]), agent_heard
     session_id = t.session.session_id
     await t.session.end("test_over")
     stored = "".join(_as_digits(text) for text, kind in _user_rows(sql_store, session_id) if kind == "turn")
@@ -128,3 +133,15 @@ async def test_a_backchannel_over_the_agent_is_stored_and_marked(talk, sql_store
     assert t.session.metrics_summary()["non_turns"] == 1
     scrape = generate_latest(telemetry.registry).decode()
     assert 'speechpipe_user_non_turns_total{direction="web",kind="backchannel"} 1.0' in scrape
+
+
+async def test_a_finished_question_is_not_joined_to_what_cuts_its_answer(talk, sql_store: Store) -> None:
+    agent_heard: list[str] = []
+    answer = CallbackAgent(lambda text: agent_heard.append(text) or LONG_ANSWER)
+    t = await _open(talk, sql_store, answer, 16000)
+    await t.line.play(_voice("vm-sorry", 16000))  # "I'm sorry I did not understand your response."
+    assert await t.line.until(lambda: t.of(ev.AgentSpeechStarted), 10)
+    await t.line.silence(0.3)
+    await t.line.play(_voice("please-try-call-later", 16000))  # "Please try your call again later."
+    assert await t.line.until(lambda: len(agent_heard) >= 2, 30), agent_heard
+    assert "sorry" not in agent_heard[1].lower() and "later" in agent_heard[1].lower(), agent_heard

@@ -1,7 +1,9 @@
 """Endpointing logic on hand-made VAD decision streams."""
 
+import pytest
+
 from speechpipe.pipeline.config import EndpointingConfig
-from speechpipe.pipeline.turns import Signal, TurnDetector
+from speechpipe.pipeline.turns import Signal, TurnDetector, looks_unfinished
 
 
 def run(decisions: str, **cfg) -> list[tuple[int, Signal]]:
@@ -43,3 +45,13 @@ def test_speech_resuming_in_a_pause_continues_the_turn():
 def test_max_turn_length_cuts():
     signals = run("#" * 120, silence_ms=500, max_turn_s=2.0)
     assert (99, Signal.MAX_LENGTH) in signals
+
+
+@pytest.mark.parametrize(("text", "unfinished"), [
+    ("I would like to order", True), ("My number is four five six,", True), ("4 5 6", True),
+    ("Can I pay with a card and", True), ("I'd like a table for", True), ("Call the", True),
+    ("What are your opening hours?", False), ("Thank you.", False), ("No.", False),
+    ("Stop, I want to speak to a person please.", False), ("", False),
+])
+def test_looks_unfinished(text: str, unfinished: bool) -> None:
+    assert looks_unfinished(text) is unfinished
