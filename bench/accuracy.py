@@ -48,7 +48,11 @@ Columns:
   reference, or (b) a word n-gram (n ≥ 2) repeated back to back ("a b a b") whose doubled form does not
   occur in the reference. Words are compared after normalise_text;
 - split: prompts that became two or more user turns (an utterance cut in two); strays: user turns that
-  overlap no prompt.
+  overlap no prompt;
+- late start: prompts whose first turn starts more than the session's 300 ms pre-roll after the prompt's
+  voiced onset (wideband frames within 30 dB of its peak), so its first sounds never reached the STT;
+  onset p50: the median of that delay (turn start_ms is the VAD onset; the STT also gets the 300 ms
+  before it). The details list each worse/split/repeated prompt with its onset and end delays.
 
 Then the VAD's per-frame accuracy on the narrowband prompts, the measurement the default threshold for 8
 kHz legs is chosen on: SileroVAD(rate=8000) on the telephone audio vs SileroVAD(rate=16000) on it
@@ -84,13 +88,14 @@ import jiwer
 import numpy as np
 
 from speechpipe.pipeline.agent import AgentGone, AgentLink
-from tests import realspeech
+from tests import realspeech, sounds
 from tests.speech import normalise_text, read_wav, write_wav
 
 LEAD_S = 1.0  # silence before each prompt
 TRAIL_S = 1.5  # silence after each prompt
 SNR_DB = 10.0
 MARGIN_MS = 300  # around each prompt when it is cut from the recording for the engine alone
+PREROLL_MS = 300  # audio the session hands the STT from before the VAD's onset (session.PREROLL_FRAMES)
 SIP_LEAD_S = 1.0  # extra silence at the start of a call (media starts before the session does)
 SIP_TAIL_S = 3.0  # after the last prompt's trailing silence, before baresip hangs up
 SIP_EXTENSION = "2100"
@@ -122,6 +127,7 @@ class Placed:
     utterance: realspeech.Utterance
     start_ms: int  # the prompt's span in the sent track
     end_ms: int
+    voiced_ms: tuple[int, int] = (0, 0)  # its voiced span (wideband frames within 30 dB of its peak)
 
 
 @dataclass
@@ -166,7 +172,10 @@ def build_track(utterances: Sequence[realspeech.Utterance], rate: int, snr_db: f
         if snr_db is not None:
             seg = realspeech.noisy(seg, rate, snr_db, seed=i)
         start = at + len(lead)
-        placed.append(Placed(u, start * 1000 // rate, (start + len(pcm)) * 1000 // rate))
+        t0 = start * 1000 // rate
+        voiced = np.flatnonzero(sounds.active_mask(realspeech.wideband(u), 16000, range_db=30)[::320])
+        span = (t0 + int(voiced[0]) * 20, t0 + (int(voiced[-1]) + 1) * 20) if voiced.size else (t0, t0)
+        placed.append(Placed(u, t0, (start + len(pcm)) * 1000 // rate, span))
         parts.append(seg)
         at += len(seg)
     return np.concatenate(parts), placed
@@ -260,8 +269,12 @@ def score(outcome: Outcome, engine: Any, language: str, subset: set[str] | None 
     alone = engine_texts(outcome, shift, engine, language)
     refs = [normalise_text(p.utterance.text) for p in outcome.placed]
     detail = []
-    for p, g, prod, eng in zip(outcome.placed, groups, product, alone, strict=True):
+    for p, g, t, prod, eng in zip(outcome.placed, groups, turns, product, alone, strict=True):
+        timed = [r for r in t if r.start_ms is not None and r.end_ms is not None]
         detail.append({
+            # first turn's start after the prompt's voiced onset; last turn's end after its voiced end
+            "onset_ms": min(r.start_ms for r in timed) - p.voiced_ms[0] - shift if timed else None,
+            "end_ms": max(r.end_ms for r in timed) - p.voiced_ms[1] - shift if timed else None,
             "name": p.utterance.name, "ref": p.utterance.text, "product": prod, "engine": eng,
             "turns": sum(r.kind == "turn" for r in g), "rows": len(g),
             "kinds": [r.kind for r in g if r.kind != "turn"],
@@ -289,6 +302,8 @@ def score(outcome: Outcome, engine: Any, language: str, subset: set[str] | None 
         "product_tails": sum(d["product_tail"] is not None for d in detail),
         "engine_tails": sum(d["engine_tail"] is not None for d in detail),
         "split": sum(d["turns"] >= 2 for d in detail),
+        "late_start": sum(d["onset_ms"] is not None and d["onset_ms"] > PREROLL_MS for d in detail),
+        "onset_p50": float(np.median([d["onset_ms"] for d in detail if d["onset_ms"] is not None] or [0])),
         "strays": [r.text for r in strays if r.kind == "turn"],
         "detail": detail, "info": outcome.info,
     }
@@ -557,7 +572,8 @@ def vad_table(utterances: Sequence[realspeech.Utterance]) -> list[dict[str, Any]
 
 def print_table(results: list[dict[str, Any]]) -> None:
     print(f"{'leg':12} {'prompts':>7} {'words':>5} {'product WER':>11} {'engine WER':>10} {'Δ':>7} "
-          f"{'no turn':>7} {'lost':>4} {'tails P/E':>9} {'split':>5} {'strays':>6}  notes")
+          f"{'no turn':>7} {'lost':>4} {'tails P/E':>9} {'split':>5} {'strays':>6} {'late start':>10} "
+          f"{'onset p50':>9}  notes")
     for r in results:
         notes = [f"shift {r['shift_ms']} ms"]
         info = r["info"]
@@ -573,14 +589,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"{r['leg']:12} {r['utterances']:>7} {r['words']:>5} {r['product_wer']:>11.3f} "
               f"{r['engine_wer']:>10.3f} {r['product_wer'] - r['engine_wer']:>+7.3f} {r['no_turn']:>7} "
               f"{r['lost']:>4} {r['product_tails']:>4}/{r['engine_tails']:<4} {r['split']:>5} "
-              f"{len(r['strays']):>6}  {', '.join(notes)}")
+              f"{len(r['strays']):>6} {r['late_start']:>10} {r['onset_p50']:>6.0f} ms  {', '.join(notes)}")
 
 
 def print_details(results: list[dict[str, Any]], limit: int) -> None:
     for r in results:
         bad = [d for d in r["detail"] if d["product_wer"] > d["engine_wer"] or d["turns"] != 1
                or d["product_tail"] or d["engine_tail"]]
-        bad.sort(key=lambda d: (d["turns"] == 1, d["engine_wer"] - d["product_wer"]))
+        bad.sort(key=lambda d: (d["engine_wer"] - d["product_wer"], d["turns"] == 1))
         if not bad and not r["strays"]:
             continue
         print(f"\n{r['leg']}: {len(bad)} prompts where the product path did worse, split, lost or repeated"
@@ -593,8 +609,10 @@ def print_details(results: list[dict[str, Any]], limit: int) -> None:
                 extra.append(f"engine tail: {d['engine_tail']}")
             if d["kinds"]:
                 extra.append(f"non-turn rows: {d['kinds']}")
-            print(f"  {d['name']} (turns {d['turns']}, WER {d['product_wer']:.2f} vs {d['engine_wer']:.2f})"
-                  + (f" [{'; '.join(extra)}]" if extra else ""))
+            timing = ("" if d["onset_ms"] is None
+                      else f", turn onset {d['onset_ms']:+d} end {d['end_ms']:+d} ms")
+            print(f"  {d['name']} (turns {d['turns']}, WER {d['product_wer']:.2f} vs {d['engine_wer']:.2f}"
+                  f"{timing})" + (f" [{'; '.join(extra)}]" if extra else ""))
             print(f"    ref:     {d['ref']}")
             print(f"    product: {d['product']}")
             print(f"    engine:  {d['engine']}")
