@@ -2,12 +2,17 @@
 
     .venv/bin/python -m bench.pipeline                 # everything (~10 min on 2 cores)
     .venv/bin/python -m bench.pipeline --turns 30 --sessions 1,6,10,12 --silence-ms 500
+    .venv/bin/python -m bench.pipeline --rate 8000 --skip latency,vad,capacity   # the PCMU leg
 
 Prints response latency p50/p95 (end of the user's last voiced frame → first agent frame leaving the
 session) beside the endpoint silence; barge-in reaction p50/p95 (user speech onset → last agent frame
 sent); false barge-ins on noise, coughs and backchannels; VAD frame accuracy for both engines; WER; and how
 many concurrent sessions keep real time (p99 tick lateness ≤ 40 ms, WER unchanged) with CPU and memory per
 session. The agent answers instantly (an in-process CallbackAgent), so the figures are the pipeline's own.
+
+`--rate 8000` runs the session as a G.711 call delivers it: 8 kHz in and out, every sound μ-law
+round-tripped. Barge-in trials interrupt with espeak sentences and with real recorded speech
+(tests/realspeech.py, wideband or telephone version by leg) in turn.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from speechpipe.pipeline.agent import CallbackAgent
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.realtime import RealtimeLine
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
-from tests import sounds
-from tests.speech import synth, wer
+from tests import realspeech, sounds
+from tests.speech import g711_roundtrip, resample, synth, wer
 
 SENTENCES = [
     "I would like to book a table for dinner on Friday.",
@@ -61,9 +66,25 @@ def rss_mb() -> float:
     return float("nan")
 
 
+RATE = 16000  # the leg: 16000 (web) or 8000 (PCMU), set by --rate
+REAL_INTERRUPTIONS = ["conf-invalid", "vm-sorry", "please-try-call-later"]
+
+
+def leg(pcm16k: np.ndarray) -> np.ndarray:
+    """A 16 kHz sound as this leg carries it: unchanged, or 8 kHz μ-law."""
+    return pcm16k if RATE == 16000 else g711_roundtrip(resample(pcm16k, 16000, 8000))
+
+
+def real(name: str) -> np.ndarray:
+    u = realspeech.prompt(name)
+    return np.asarray(realspeech.wideband(u) if RATE == 16000 else realspeech.telephone(u))
+
+
 class Run:
     def __init__(self, engines: Engines, config: PipeConfig, reply: Callable[[str], str]) -> None:
-        self.session = PipelineSession(SessionInfo("pipe_bench", config.agent_id, "web"), config, engines)
+        direction = "web" if RATE == 16000 else "inbound_phone"
+        self.session = PipelineSession(SessionInfo("pipe_bench", config.agent_id, direction), config, engines,
+                                       input_rate=RATE, output_rate=RATE)
         self.line = RealtimeLine(self.session)
         self.events: list[ev.Event] = []
         self.session.subscribe(self.events.append)
@@ -78,7 +99,7 @@ class Run:
 
     async def turn(self, sentence: str, timeout_s: float = 15) -> bool:
         n = len(self.of(ev.AgentSpeechDone))
-        await self.line.play(synth(sentence))
+        await self.line.play(leg(synth(sentence)))
         ok = await self.line.until(lambda: len(self.of(ev.AgentSpeechDone)) > n, timeout_s)
         await self.line.silence(0.3)
         return ok
@@ -103,18 +124,19 @@ async def barge_ins(engines: Engines, trials: int) -> dict:
     for i in range(trials):
         run = Run(engines, PipeConfig(agent_id="bench"), lambda text: LONG_REPLY)
         await run.start()
-        await run.line.play(synth("What are your opening hours?"))
+        await run.line.play(leg(synth("What are your opening hours?")))
         await run.line.until(lambda r=run: r.of(ev.AgentSpeechStarted), 10)
         await run.line.silence(1.0 + 0.37 * i)
-        speech = synth(INTERRUPTIONS[i % len(INTERRUPTIONS)])
+        use_real = i % 2 == 1 and not realspeech.missing()
+        speech = real(REAL_INTERRUPTIONS[i // 2 % 3]) if use_real else leg(synth(INTERRUPTIONS[i // 2 % 3]))
         # Onset measured from the audio itself (first 10 ms above -40 dBFS), not from the VAD's view of it.
-        lead = int(np.argmax(np.abs(speech.astype(np.int32)) > 328)) // 160 * 10
+        lead = int(np.argmax(np.abs(speech.astype(np.int32)) > 328)) // (RATE // 100) * 10
         onset_ms = run.line.ticks * 20 + lead
         await run.line.play(speech)
         await run.line.silence(0.3)
         cut += bool(run.of(ev.BargeIn))
         if run.of(ev.BargeIn):
-            out = run.line.received().reshape(-1, 320)
+            out = run.line.received().reshape(-1, RATE // 50)
             # The last agent frame of the run that was playing at onset (a 200 ms gap ends the run).
             voiced = np.flatnonzero(np.abs(out[onset_ms // 20:]).max(axis=1) > 0)
             gaps = np.diff(voiced) if len(voiced) else []
@@ -146,10 +168,10 @@ async def false_barge_ins(engines: Engines) -> dict[str, int]:
     for name, sound in noise_set().items():
         run = Run(engines, PipeConfig(agent_id="bench"), lambda text: LONG_REPLY)
         await run.start()
-        await run.line.play(synth("What are your opening hours?"))
+        await run.line.play(leg(synth("What are your opening hours?")))
         await run.line.until(lambda r=run: r.of(ev.AgentSpeechStarted), 10)
         await run.line.silence(1.0)
-        await run.line.play(sound)
+        await run.line.play(leg(sound))
         await run.line.silence(1.0)
         out[name] = len(run.of(ev.BargeIn))
         await run.session.end("bench")
@@ -203,13 +225,18 @@ async def main() -> None:
     ap.add_argument("--barge-trials", type=int, default=12)
     ap.add_argument("--sessions", default="1,4,8,10,12")
     ap.add_argument("--capacity-turns", type=int, default=3)
+    ap.add_argument("--rate", type=int, choices=(16000, 8000), default=16000,
+                    help="the leg: 16000 (web) or 8000 (a PCMU call: 8 kHz, μ-law)")
     ap.add_argument("--skip", default="",
                     help="comma list of sections to skip: latency,barge,false,vad,capacity")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    global RATE
+    RATE = args.rate
     engines = Engines()
     engines.stt(PipeConfig(agent_id="warmup"))
-    print(f"Speech Pipe pipeline benchmark · {os.cpu_count()} cores · whisper tiny.en int8 · silero VAD\n")
+    print(f"Speech Pipe pipeline benchmark · {os.cpu_count()} cores · whisper tiny.en int8 · silero VAD · "
+          f"{'web 16 kHz' if RATE == 16000 else 'PCMU 8 kHz (μ-law)'}\n")
 
     if "latency" not in skip:
         c = await conversation(engines, args.turns, args.silence_ms)

@@ -39,7 +39,7 @@ from .recorder import StereoRecorder
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .tts import EspeakTTS
-from .turns import Signal, TurnDetector, looks_unfinished
+from .turns import Signal, State, TurnDetector, looks_unfinished
 from .vad import make_vad, vad_rate
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,8 @@ class PipelineSession:
         self._vad_chunker = FrameChunker(self.vad.rate) if self.vad.rate == self.input_rate != PROCESS_RATE \
             else None
         self._vad_votes: collections.deque[bool] = collections.deque()
+        self._votes_seen = self._votes_used = self._native_run = 0
+        self._early_pause: int | None = None  # the vote that paused the agent ahead of the detector
         self.detector = TurnDetector(cfg.endpointing)
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
@@ -284,13 +286,19 @@ class PipelineSession:
                     return
                 pcm, wall = item
                 if self._vad_chunker is not None:
-                    self._vad_votes.extend(self.vad.is_speech(f) for f in self._vad_chunker.push(pcm))
+                    for f in self._vad_chunker.push(pcm):
+                        self._native_vote(self.vad.is_speech(f))
                 for frame in self._in_chunker.push(self._in_resampler.process(pcm)):
                     if self._vad_chunker is None:
                         voiced = self.vad.is_speech(frame)
                     else:
                         voiced = self._vad_votes.popleft() if self._vad_votes else False
+                        self._votes_used += 1
                     await self._on_frame(frame, voiced, wall)
+                if self._early_pause is not None and self._votes_used > self._early_pause:
+                    self._early_pause = None  # the onset vote reached the detector: it has decided
+                    if self._barge is None:
+                        self.speaker.paused = False
                 await self._maybe_end_after_speech()
                 self._check_silence()
         except asyncio.CancelledError:
@@ -298,6 +306,20 @@ class PipelineSession:
         except Exception:
             log.exception("session %s: input processing failed", self.session_id)
             self._spawn(self.end("error"))
+
+    def _native_vote(self, voiced: bool) -> None:
+        """A narrowband leg's VAD vote. Its 16 kHz frame reaches the detector 60-115 ms later (the
+        resampler's lag), so a speech onset over the agent pauses the agent's audio here, at once, as the
+        detector's onset would (barge-in reaction); the detector then confirms it or the audio resumes."""
+        self._vad_votes.append(voiced)
+        self._votes_seen += 1
+        self._native_run = self._native_run + 1 if voiced else 0
+        active = self.speaker.active
+        if (self._native_run == self.detector.onset_frames and self._barge is None and active is not None
+                and active.interruptible and active.started_at is not None and self.config.barge_in.enabled
+                and self.detector.state is not State.SPEAKING):
+            self.speaker.paused = True
+            self._early_pause = self._votes_seen - 1  # index of the vote that decided it
 
     async def _on_frame(self, frame: np.ndarray, voiced: bool, wall: float) -> None:
         self._book_playback()
