@@ -38,6 +38,7 @@ from .config import PipeConfig
 from .recorder import StereoRecorder
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
+from .stt_lane import STTLane
 from .tts import EspeakTTS
 from .turns import Signal, State, TurnDetector, looks_unfinished
 from .vad import make_vad, vad_rate
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 PROCESS_RATE = 16000  # VAD, STT and the recording run at this rate
 FRAME = PROCESS_RATE // 50
 PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
-STT_BATCH_FRAMES = 5  # hand the STT 100 ms at a time: fewer executor hops
 _WORD = re.compile(r"[\w']+(?:-[\w']+)*")  # any script: Korean words count as words too
 _HUM = re.compile(r"[mh]+|u?h?m+|u+h+")  # folded hums and fillers: "mmm", "hmm", "mhm", "uhm", "um", "uh"
 
@@ -174,7 +174,8 @@ class PipelineSession:
         logs.bind(**self.log_ids)
         self.stt_engine = await loop.run_in_executor(self.engines.executor, contextvars.copy_context().run,
                                                      self.engines.stt, cfg)
-        self.stt = self.stt_engine.new_stream(cfg.stt.language)
+        self.stt = STTLane(self.engines.executor, self.stt_engine.new_stream(cfg.stt.language),
+                           streaming=self.stt_engine.streaming, on_partial=self._on_partial)
         self.vad = make_vad(cfg.vad, vad_rate(self.input_rate))
         # A narrowband leg's VAD judges the native frames. Their votes wait here for the 16 kHz frame that
         # covers the same 20 ms: the resampler's output lags its input, never leads it.
@@ -196,11 +197,6 @@ class PipelineSession:
         self._agent_cursor = 0  # where the next agent sample goes in the recording
         self._input: asyncio.Queue[tuple[np.ndarray, float] | None] = asyncio.Queue()
         self._preroll: collections.deque[np.ndarray] = collections.deque(maxlen=PREROLL_FRAMES)
-        self._held_silence: list[np.ndarray] = []  # pause frames not yet given to the STT
-        self._stt_batch: list[np.ndarray] = []
-        self._stt_tail: asyncio.Future[Any] | None = None
-        self._last_partial = ""
-        self._utterances = 0  # utterances started (tags partials with the utterance they belong to)
         self._onset_wall = 0.0
         self._last_voiced_wall = 0.0
         self._seq = 0  # turns rows, in the order turns end
@@ -335,17 +331,17 @@ class PipelineSession:
             return
         for signal in signals:
             if signal is Signal.SPEECH_START:
-                self._utterances += 1
+                self.stt.new_utterance()
                 self._onset_wall = wall - (self.detector.onset_frames - 1) * 0.02
                 self._last_voiced_wall = wall
                 for f in self._preroll:
-                    self._feed_stt(f)
+                    self.stt.feed(f)
                 self._preroll.clear()
-                self._feed_stt(frame)
+                self.stt.feed(frame)
                 self._emit(ev.UserSpeechStarted(self.detector.start_ms()))
                 self._barge_onset()
             elif signal is Signal.RESUME:
-                self._release_held_silence()
+                self.stt.release_held()
                 if self._barge is None:
                     self._onset_wall = wall
                     self._barge_onset()
@@ -353,21 +349,21 @@ class PipelineSession:
                 # Decode now, speculatively: if no speech comes before the endpoint, the stream's cached
                 # result is the turn's text and the endpoint costs no decode at all. A barge-in candidate
                 # stays paused through the pause: "Stop, I want..." must not make the agent stutter.
-                self._release_held_silence()
-                self._stt_final()
+                self.stt.release_held()
+                self.stt.final()
             elif signal in (Signal.END, Signal.MAX_LENGTH):
                 await self._end_of_utterance(forced=signal is Signal.MAX_LENGTH)
             elif signal is Signal.DISCARD:
                 # Too short to be a turn by the VAD's count, but a short "No." is still words: decode it
                 # (off the frame loop; the lane keeps the order) and let the words decide.
-                fut = self._stt_final()
-                self._reset_stt()
+                fut = self.stt.final()
+                self.stt.reset()
                 self._spawn(self._short_utterance(fut, self.detector.start_ms(), self.detector.end_ms()))
         if self.detector.in_utterance and Signal.SPEECH_START not in signals:
             if self.detector.state.value == "speaking" and Signal.RESUME not in signals:
-                self._feed_stt(frame)
+                self.stt.feed(frame)
             elif self.detector.state.value == "paused":
-                self._held_silence.append(frame)
+                self.stt.hold(frame)
             self._barge_check()
 
     def _check_silence(self) -> None:
@@ -382,71 +378,18 @@ class PipelineSession:
             self._spawn(self._to_agent({"type": msg.SILENCE, "seconds": round(now - self._quiet_since, 2)}))
             self._quiet_since = now
 
-    # ---- STT lane: every STT call for this session runs in order in the shared executor --------------
-    def _stt_run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        prev = self._stt_tail
-        executor = self.engines.executor
-
-        async def run() -> Any:
-            if prev is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(prev)
-            # Executor threads do not inherit the context: carry it, so STT lines keep the session's ids.
-            return await self._loop.run_in_executor(executor, contextvars.copy_context().run, fn, *args)
-
-        fut = asyncio.ensure_future(run())
-        self._stt_tail = fut
-        return fut
-
-    def _feed_stt(self, frame: np.ndarray) -> None:
-        self._stt_batch.append(frame)
-        if len(self._stt_batch) >= STT_BATCH_FRAMES:
-            self._flush_stt_batch()
-
-    def _flush_stt_batch(self) -> None:
-        if not self._stt_batch:
-            return
-        audio = np.concatenate(self._stt_batch)
-        self._stt_batch = []
-        self._stt_run(self.stt.accept, audio)
-        if self.stt_engine.streaming:
-            utterance = self._utterances
-            self._stt_run(self.stt.partial).add_done_callback(lambda f: self._on_partial(f, utterance))
-
-    def _on_partial(self, fut: asyncio.Future[str | None], utterance: int) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        text = fut.result()
-        # The lane runs in order, so a partial of this utterance lands before its final even when a busy
-        # machine finishes it after the endpoint; only a partial of an earlier utterance is stale.
-        if text and text != self._last_partial and utterance == self._utterances:
-            self._last_partial = text
-            self._emit(ev.UserPartial(text))
-            self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))
-
-    def _release_held_silence(self) -> None:
-        for f in self._held_silence:
-            self._feed_stt(f)
-        self._held_silence.clear()
-
-    def _stt_final(self) -> asyncio.Future[Transcript]:
-        self._flush_stt_batch()
-        return self._stt_run(self.stt.final)
-
-    def _reset_stt(self) -> None:
-        self._stt_batch.clear()
-        self._held_silence.clear()
-        self._last_partial = ""
-        self._stt_run(self.stt.reset)
+    def _on_partial(self, text: str) -> None:
+        self._emit(ev.UserPartial(text))
+        self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))
 
     # ---- user turns ------------------------------------------------------------------------------------
     async def _end_of_utterance(self, forced: bool) -> None:
         start_ms, end_ms = self.detector.start_ms(), self.detector.end_ms()
         end_wall = self._last_voiced_wall
         if forced:
-            self._release_held_silence()
-        fut = self._stt_final()  # after a PAUSE with no new speech, the stream answers from its cache
-        self._reset_stt()
+            self.stt.release_held()
+        fut = self.stt.final()  # after a PAUSE with no new speech, the stream answers from its cache
+        self.stt.reset()
         endpoint_wall = time.monotonic()
         try:
             transcript: Transcript = await fut
@@ -592,12 +535,8 @@ class PipelineSession:
             return
         b["checking"] = True
         b["next_check_ms"] = self.detector.speech_ms + 200
-        fut = self._stt_run(self._latest_partial) if self.stt_engine.streaming else self._stt_final()
+        fut = self.stt.latest()
         fut.add_done_callback(self._barge_checked)
-
-    def _latest_partial(self) -> str:
-        # A streaming engine's partial() is None when nothing changed: the words are still the last ones.
-        return self.stt.partial() or self._last_partial
 
     def _barge_checked(self, fut: asyncio.Future[Any]) -> None:
         b = self._barge
@@ -871,9 +810,9 @@ class PipelineSession:
         self._book_playback()
         if self.detector.in_utterance and self.detector.speech_ms >= self.config.endpointing.min_speech_ms:
             # The line dropped mid-sentence: what the user said so far is still a turn.
-            self._release_held_silence()
+            self.stt.release_held()
             with contextlib.suppress(Exception):
-                t = await asyncio.wait_for(self._stt_final(), 5)
+                t = await asyncio.wait_for(self.stt.final(), 5)
                 if t.text.strip():
                     seq = self._next_seq()
                     self._store("add_turn", self.session_id, seq, "user", t.text.strip(),
@@ -881,7 +820,7 @@ class PipelineSession:
         for reply in list(self.speaker.replies):
             self._finish_reply(reply, interrupted=True)
         await self.speaker.close()
-        self._stt_run(self.stt.close)  # a pooled recognizer goes back now, after any decode in flight
+        self.stt.close()
         if self.recorder is not None:
             info = self.recorder.close()
             self._store("add_recording", self.session_id, str(info.path), "wav", info.sample_rate,
