@@ -427,7 +427,9 @@ async def test_error_budget_closes_a_hostile_socket(agent_channel) -> None:
 
 
 async def test_one_runner_holds_more_than_a_hundred_calls(agent_channel) -> None:
-    """Past aiohttp's default 100-connection pool: every call holds its own bridge socket."""
+    """Past aiohttp's default 100-connection pool: every call holds its own bridge socket. All 130 are offered
+    at once: however slowly a loaded machine lets the runner ack them, none fails for want of an ack (the
+    only runner there is is waited for, not failed over)."""
     from bench.agent_channel import BenchSession, turn
     from speechpipe.pipeline.session import SessionInfo
 
@@ -436,6 +438,9 @@ async def test_one_runner_holds_more_than_a_hundred_calls(agent_channel) -> None
     sessions = [BenchSession(SessionInfo(pipe_id="p", agent_id="probe", direction="web",
                                          session_id=f"sess_many{i:04d}")) for i in range(130)]
     links = await asyncio.gather(*[ch.hub.dispatch(s) for s in sessions])
+    counters = ch.hub.counters
+    assert counters["dispatched"] == 130 and counters["jobs_offered"] == 130
+    assert counters["acks_timed_out"] == 0 and counters["acks_late"] == 0
     for s, link in zip(sessions, links, strict=True):
         await link.send({"type": "call.started", "session_id": s.session_id, "direction": "web"})
     latencies = await asyncio.gather(*[turn(link, 1) for link in links])
@@ -445,3 +450,99 @@ async def test_one_runner_holds_more_than_a_hundred_calls(agent_channel) -> None
         await link.send({"type": "call.ended", "reason": "done"})
         await link.close("done")
     await until(lambda: ch.runner_info(runner.worker_id)["load"] == 0, what="all calls released")
+
+
+# ---- ack deadlines -----------------------------------------------------------------------------------------
+async def test_the_only_runner_is_waited_for_past_the_ack_deadline(agent_channel) -> None:
+    """A runner that acks after the ack deadline, with no other runner to fail over to, still gets the call:
+    the deadline is a reason to fail over, not to give up."""
+    ch = await agent_channel(ack_timeout_s=0.2, heartbeat_interval_s=30.0)  # the raw runner never beats
+    async with aiohttp.ClientSession() as http:
+        control = await raw_register(http, ch)
+        attaching = asyncio.ensure_future(ch.call("raw"))
+        job = await control.recv()
+        assert job["type"] == "job.assign" and job["deadline_ms"] == 200
+        # Answer only once the hub has seen the deadline pass and kept the offer open.
+        await until(lambda: ch.hub.counters["acks_slow"] == 1, what="ack deadline passed, offer kept")
+        await control.send({"type": "job.ack", "job_id": job["job_id"], "accepted": True})
+        bridge = await raw_bridge(http, job["bridge_url"])
+        await bridge.send({"type": "hello", "protocol": p.PROTOCOL_VERSION, "call_token": job["call_token"]})
+        assert (await bridge.recv())["type"] == "hello.ack"
+        call = await attaching
+        assert call.attached
+        assert (await bridge.recv())["type"] == "call.started"
+        counters = ch.hub.counters
+        assert counters["acks_timed_out"] == 0 and counters["acks_late"] == 0
+        assert counters["jobs_accepted"] == 1 and counters["dispatched"] == 1
+        assert ch.runner_info("raw-1")["missed_acks"] == 0
+        await call.hang_up("caller_hung_up")
+
+
+async def test_an_ack_that_came_while_the_server_was_busy_is_not_missed(agent_channel) -> None:
+    """The ack deadline passes while the server's event loop is stuck, with the ack already in its socket:
+    the ack is read before the deadline counts, so the offer stands (though another runner was free)."""
+    ch = await agent_channel(ack_timeout_s=0.2, heartbeat_interval_s=30.0)
+    async with aiohttp.ClientSession() as http:
+        raw = await raw_register(http, ch, agent_id="probe")  # registered first: first pick on a tie
+        other = await ch.runner(capacity=2)
+        attaching = asyncio.ensure_future(ch.call())
+        job = await raw.recv()
+        for _ in range(20):  # let the hub get to waiting for the ack
+            await asyncio.sleep(0)
+        await raw.send({"type": "job.ack", "job_id": job["job_id"], "accepted": True})
+        time.sleep(0.5)  # noqa: ASYNC251 -- on purpose: the loop the hub runs on is busy past the deadline
+        bridge = await raw_bridge(http, job["bridge_url"])
+        await bridge.send({"type": "hello", "protocol": p.PROTOCOL_VERSION, "call_token": job["call_token"]})
+        assert (await bridge.recv())["type"] == "hello.ack"
+        call = await attaching
+        assert call.attached
+        assert ch.hub.counters["acks_timed_out"] == 0 and ch.hub.counters["jobs_offered"] == 1
+        assert other.events("entry") == []
+        await call.hang_up("caller_hung_up")
+
+
+async def test_the_only_runner_that_never_acks_ends_at_the_dispatch_deadline(agent_channel) -> None:
+    ch = await agent_channel(ack_timeout_s=0.2, dispatch_timeout_s=1.0, heartbeat_interval_s=30.0)
+    async with aiohttp.ClientSession() as http:
+        control = await raw_register(http, ch)
+        call = await ch.call("raw")
+        job = await control.recv()
+        assert call.attached is False and await call.ended() == "ack_timeout"
+        assert ch.hub.counters["acks_slow"] == 1 and ch.hub.counters["acks_timed_out"] == 1
+        # Its late accept is refused: the hub tells it to drop the job.
+        await control.send({"type": "job.ack", "job_id": job["job_id"], "accepted": True})
+        assert await control.recv() == {"type": "job.cancel", "job_id": job["job_id"], "reason": "ack_late"}
+
+
+async def test_a_runner_that_never_acks_leaves_the_rotation_until_it_beats(agent_channel) -> None:
+    """Consecutive missed acks take a runner out of rotation: later sessions go straight to the healthy one
+    instead of waiting out its ack deadline first. A heartbeat brings it back."""
+    ch = await agent_channel(ack_timeout_s=0.3, heartbeat_interval_s=30.0)
+    async with aiohttp.ClientSession() as http:
+        mute = await raw_register(http, ch, agent_id="probe")  # registered first: first pick on a tie
+        healthy = await ch.runner(capacity=4)
+        offered: list[dict[str, Any]] = []
+        calls = []
+        for n in range(2):  # mute holds no call, so it is the least loaded: each call tries it first
+            calls.append(await ch.call())
+            offered.append(await mute.recv())
+            assert calls[-1].attached
+            assert ch.hub.counters["acks_timed_out"] == n + 1
+        assert ch.hub.counters["runners_out_of_rotation"] == 1
+        assert ch.runner_info("raw-1")["in_rotation"] is False
+        assert ch.hub.stats()["agents"]["probe"]["capacity"] == 4  # only the healthy runner's slots
+        calls.append(await ch.call())  # straight to the healthy runner: no offer to mute, no timeout
+        assert calls[-1].attached
+        assert ch.hub.counters["acks_timed_out"] == 2 and ch.hub.counters["jobs_offered"] == 5
+        for c in calls:
+            await healthy.wait_event("entry", lambda e, c=c: e["session_id"] == c.session_id)
+        # Alive again: one heartbeat and it takes offers (and, the least loaded, the next call's).
+        await mute.send({"type": "heartbeat", "active": 0})
+        await until(lambda: ch.runner_info("raw-1")["in_rotation"], what="back in rotation")
+        assert ch.hub.counters["runners_back_in_rotation"] == 1
+        attaching = asyncio.ensure_future(ch.call())
+        job = await mute.recv()
+        assert job["type"] == "job.assign" and job["job_id"] not in {o["job_id"] for o in offered}
+        await mute.send({"type": "job.ack", "job_id": job["job_id"], "accepted": False, "reason": "refused"})
+        assert (await attaching).attached  # the healthy runner takes the refused one
+        assert ch.hub.counters["acks_timed_out"] == 2

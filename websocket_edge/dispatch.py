@@ -7,6 +7,14 @@ says `hello`, the session gets a `BridgeLink`. Load counts a job from the moment
 concurrent dispatches never over-fill a runner. Dead runners are found two ways: their control socket
 closes, or their heartbeats stop (then their calls fail at once: a frozen process cannot redial).
 
+The ack deadline is a reason to fail over, never a verdict by itself: it starts once the offer is written,
+frames that already reached this process are read before it counts as missed (a busy event loop is not a
+silent runner), and when no other runner could take the session the offer stays open (a runner that is
+merely slow, e.g. under a burst of calls, is still the best there is) until the runner answers, is lost,
+the session ends, or the dispatch deadline passes. Consecutive missed acks take a runner out of rotation
+until it proves alive (an ack, even a late one, or a heartbeat), so one that never acks does not keep
+getting offers ahead of healthy ones.
+
 With a `cluster.Cluster` attached (several nodes over Redis), runners of other nodes are candidates too:
 each stands in here as a `RunnerConn` whose `node` is set, and the offer travels over Redis; jobs this node
 serves for another node's sessions carry their `origin`.
@@ -63,7 +71,8 @@ class RunnerConn:
     draining: bool = False
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
-    missed_acks: int = 0
+    missed_acks: int = 0  # offers in a row it did not ack in time; an ack or a heartbeat resets it
+    out_of_rotation: bool = False  # too many missed acks: no offers until it proves alive
     assigned_total: int = 0
     node: str | None = None  # set on a stand-in for the runners of another node
 
@@ -76,7 +85,7 @@ class RunnerConn:
         return {"runner_id": self.runner_id, "worker_id": self.worker_id, "agent_id": self.agent_id,
                 "capacity": self.capacity, "load": self.load, "draining": self.draining, "alive": self.alive,
                 "pid": self.pid, "sdk": self.sdk, "assigned_total": self.assigned_total,
-                "missed_acks": self.missed_acks}
+                "missed_acks": self.missed_acks, "in_rotation": not self.out_of_rotation}
 
 
 @dataclass(eq=False)
@@ -93,6 +102,7 @@ class Job:
 
 
 Authenticate = Callable[[str], Awaitable[str] | str]  # secret -> API key id; raises AuthenticationError
+Answer = tuple[bool, str | None]  # a runner's job.ack: (accepted, reason)
 
 
 class AgentHub:
@@ -100,7 +110,7 @@ class AgentHub:
                  heartbeat_interval_s: float = 5.0, heartbeat_timeout_s: float | None = None,
                  ack_timeout_s: float = 2.0, hello_timeout_s: float = 5.0, dispatch_timeout_s: float = 10.0,
                  bridge_grace_s: float = 10.0, orphan_grace_s: float = 0.5, bridge_ping_s: float = 10.0,
-                 public_url: str | None = None,
+                 public_url: str | None = None, out_of_rotation_after: int = 2,
                  max_errors: int = 100, verbs: tuple[str, ...] | None = None) -> None:
         """`store` (Store or AsyncStore) checks runners' API keys, unless `authenticate` is given.
 
@@ -108,6 +118,9 @@ class AgentHub:
         orphan_grace_s: the same once the runner's control socket is gone too (a crash, most likely).
         bridge_ping_s: WebSocket ping interval on bridges (a pong must come within half of it).
         public_url: base URL runners reach this node at (default: the host they dialled the control on).
+        ack_timeout_s: how long an offer waits for its ack before it fails over to another runner (with no
+        other runner to try, it waits on, up to dispatch_timeout_s); out_of_rotation_after: missed acks in a
+        row that stop offers to a runner until it acks or heartbeats.
         """
         if store is None and authenticate is None:
             raise ValueError("AgentHub needs a store or an authenticate callable to check runners' keys")
@@ -117,6 +130,7 @@ class AgentHub:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s or 3 * heartbeat_interval_s
         self.ack_timeout_s = ack_timeout_s
+        self.out_of_rotation_after = max(1, out_of_rotation_after)
         self.hello_timeout_s = hello_timeout_s
         self.dispatch_timeout_s = dispatch_timeout_s
         self.bridge_grace_s = bridge_grace_s
@@ -199,7 +213,9 @@ class AgentHub:
         if kind == p.HEARTBEAT:
             if "active" in frame:
                 runner.reported_active = frame["active"]
+            self._proved_alive(runner)
         elif kind == p.JOB_ACK:
+            self._proved_alive(runner)
             return self._on_ack(runner, frame)
         elif kind == p.DRAIN:
             if not runner.draining:
@@ -225,6 +241,24 @@ class AgentHub:
             return p.error_frame(p.Codes.OUT_OF_ORDER, f"job {job_id} was already acknowledged")
         job.ack.set_result((frame["accepted"], frame.get("reason")))
         return None
+
+    def _proved_alive(self, runner: RunnerConn) -> None:
+        runner.missed_acks = 0
+        if runner.out_of_rotation:
+            runner.out_of_rotation = False
+            self.counters["runners_back_in_rotation"] += 1
+            log.info("runner %s answers again: back in rotation", runner.runner_id)
+            self._changed()
+
+    def _missed_ack(self, runner: RunnerConn) -> None:
+        runner.missed_acks += 1
+        self.counters["acks_timed_out"] += 1
+        if runner.missed_acks >= self.out_of_rotation_after and not runner.out_of_rotation:
+            runner.out_of_rotation = True
+            self.counters["runners_out_of_rotation"] += 1
+            log.warning("runner %s missed %d acks in a row: out of rotation until it acks or heartbeats",
+                        runner.runner_id, runner.missed_acks)
+            self._changed()
 
     def runner_lost(self, runner: RunnerConn, reason: str) -> None:
         """The runner's control socket is gone (closed, or silent past the heartbeat timeout)."""
@@ -333,14 +367,26 @@ class AgentHub:
                                               r.assigned_total, r.order))
             tried.add(runner.runner_id)
             job = self._new_job(session_id, agent_id, runner)
-            outcome = await self._try(job, session, min(self.ack_timeout_s, remaining), deadline)
+            outcome = await self._try(job, session, min(self.ack_timeout_s, remaining), deadline, tried,
+                                      sole=len(free) == 1)
             if outcome is None:
                 assert job.bridge is not None
                 return job.bridge
             reason = outcome
 
     def _local_pool(self, agent_id: str) -> list[RunnerConn]:
-        return [r for r in self._runners.values() if r.agent_id == agent_id and r.alive and not r.draining]
+        """The runners of this node that take offers for `agent_id` now."""
+        return [r for r in self._runners.values()
+                if r.agent_id == agent_id and r.alive and not r.draining and not r.out_of_rotation]
+
+    async def _other_free(self, agent_id: str, tried: set[str], *, remote: bool = True) -> bool:
+        """Whether a runner not tried yet (here, or with `remote` on another node) has a free slot."""
+        if any(r.load < r.capacity for r in self._local_pool(agent_id) if r.runner_id not in tried):
+            return True
+        if remote and self.cluster is not None:
+            return any(r.load < r.capacity for r in await self._remote_pool(agent_id)
+                       if r.runner_id not in tried)
+        return False
 
     async def _remote_pool(self, agent_id: str) -> list[RunnerConn]:
         """One stand-in per other node with runners of `agent_id`: its runners' summed capacity and load."""
@@ -361,8 +407,10 @@ class AgentHub:
         self._tokens[job.token] = job.bridge
         return job
 
-    async def _try(self, job: Job, session: Any, ack_s: float, deadline: float) -> str | None:
-        """One offer: None when the runner accepted and dialled in; else why not."""
+    async def _try(self, job: Job, session: Any, ack_s: float, deadline: float, tried: set[str], *,
+                   sole: bool) -> str | None:
+        """One offer: None when the runner accepted and dialled in; else why not. `ack_s` is the ack deadline,
+        `deadline` the whole dispatch's; `sole`: no other runner had a free slot when this one was picked."""
         runner = job.runner
         info = session.info
         cluster = self.cluster if runner.node is not None else None
@@ -373,42 +421,49 @@ class AgentHub:
                   "metadata": {"direction": info.direction, "pipe_id": info.pipe_id, "caller": info.caller,
                                **(info.metadata or {})}}
         self.counters["jobs_offered"] += 1
-        wait_s = ack_s
         if runner.node is not None:
             self.counters["jobs_offered_to_peers"] += 1
+            # The other node applies the ack deadline to each of its runners; with nobody else to try, it
+            # may wait on its last one up to our dispatch deadline, as we would on a runner of ours.
+            offer_s = max(ack_s, deadline - time.monotonic()) if sole else ack_s
             sent = cluster is not None and await cluster.offer(runner.node, job.job_id, job.agent_id,
-                                                                 assign, ack_s)
+                                                                 assign, offer_s)
             if cluster is None or not sent:
                 self.release(job, "node_unreachable")
                 return "node_unreachable"
-            wait_s += cluster.answer_slack_s
-        elif runner.ws is None or not await _send(runner.ws, assign):
-            self.release(job, "runner_lost")
-            return "runner_lost"
-        try:
-            accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), wait_s)
-        except TimeoutError:
-            runner.missed_acks += 1
-            self.counters["acks_timed_out"] += 1
-            log.warning("runner %s did not ack job %s within %.0f ms; failing over", runner.runner_id,
-                        job.job_id, ack_s * 1000)
-            self._expire(job)
-            return "ack_timeout"
-        finally:
-            if cluster is not None and runner.node is not None:
+            try:
+                answer = await self._await_ack(job, offer_s + cluster.answer_slack_s, deadline, session)
+            finally:
                 cluster.offer_done(runner.node)
+        else:
+            if runner.ws is None or not await _send(runner.ws, assign):
+                self.release(job, "runner_lost")
+                return "runner_lost"
+            # The ack deadline starts now, with the offer written.
+            answer = await self._await_ack(job, ack_s, deadline, session,
+                                           lambda: self._other_free(job.agent_id, tried))
+        if isinstance(answer, str):  # no answer
+            if answer == "ack_timeout":
+                log.warning("runner %s did not ack job %s (ack deadline %.0f ms); %s", runner.runner_id,
+                            job.job_id, ack_s * 1000, "failing over" if time.monotonic() < deadline
+                            else "dispatch deadline passed")
+                self._missed_ack(runner)
+            self._expire(job, answer)
+            return answer
+        accepted, why = answer
         if not accepted:
             why = why or p.REJECT_REFUSED
             self.counters[f"jobs_rejected_{why}"] += 1
             log.info("runner %s rejected job %s: %s", runner.runner_id, job.job_id, why)
             self.release(job, f"rejected:{why}")
             return why
-        runner.missed_acks = 0
         self.counters["jobs_accepted"] += 1
         if runner.node is not None:
             self.counters["jobs_accepted_by_peers"] += 1
         assert job.bridge is not None
-        if not await job.bridge.wait_ready(max(0.0, min(self.hello_timeout_s, deadline - time.monotonic()))):
+        # A runner that accepted gets the whole hello window, even past the dispatch deadline: it took the
+        # call, and its bridge is one dial away.
+        if not await job.bridge.wait_ready(self.hello_timeout_s):
             if job.bridge.over:  # failed while we waited (the runner died)
                 return job.bridge.end_reason or "runner_lost"
             self.counters["bridge_timeouts"] += 1
@@ -418,10 +473,50 @@ class AgentHub:
             return "bridge_timeout"
         return None
 
-    def _expire(self, job: Job) -> None:
+    async def _await_ack(self, job: Job, ack_s: float, deadline: float, session: Any = None,
+                         other_free: Callable[[], Awaitable[bool]] | None = None) -> Answer | str:
+        """The runner's answer (accepted, reason), or why there is none: ack_timeout, session_ended, or the
+        reason the job ended meanwhile.
+
+        Nothing counts as missed before the frames that already reached this process are read: on a busy
+        event loop the deadline's timer can fire before the socket holding the ack is. Then, with
+        `other_free` given, the offer fails over only if it finds another runner to try; else the runner
+        (it may be slow, not dead: a burst, a loaded machine) is waited for up to `deadline`, while the
+        session lasts. A runner found dead meanwhile answers (False, runner_lost) through `runner_lost`."""
+        ack = job.ack
+        limit = ack_s
+        ended: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                waits: set[asyncio.Future[Any]] = {ack} if ended is None else {ack, ended}
+                await asyncio.wait(waits, timeout=max(0.0, limit), return_when=asyncio.FIRST_COMPLETED)
+                await _settle(ack)
+                if ack.done():
+                    if ack.cancelled():  # released meanwhile (the bridge ended: server shutdown, ...)
+                        return (job.bridge.end_reason if job.bridge is not None else None) or "runner_lost"
+                    return ack.result()
+                if _session_over(session):
+                    return "session_ended"
+                left = deadline - time.monotonic()
+                if other_free is None or left <= 0 or await other_free():
+                    return "ack_timeout"
+                if ended is None:
+                    self.counters["acks_slow"] += 1
+                    log.info("runner %s has not acked job %s within %.0f ms; no other runner to try: the "
+                             "offer stays open", job.runner.runner_id, job.job_id, ack_s * 1000)
+                    event = getattr(session, "ended", None)
+                    if isinstance(event, asyncio.Event):
+                        ended = asyncio.ensure_future(event.wait())
+                limit = min(ack_s, left)
+        finally:
+            if ended is not None:
+                ended.cancel()
+
+    def _expire(self, job: Job, reason: str = "ack_timeout") -> None:
+        """Give up on an offer that was not answered: a late accept gets a job.cancel."""
         self._remember_expired(job.job_id, job.runner)
         assert job.bridge is not None
-        job.bridge.end("ack_timeout", p.CLOSE_CALL_OVER)
+        job.bridge.end(reason, p.CLOSE_CALL_OVER)
 
     def _remember_expired(self, job_id: str, runner: RunnerConn) -> None:
         self._expired[job_id] = runner
@@ -458,7 +553,7 @@ class AgentHub:
         """Per agent_id, the runners connected here that take jobs: what this node advertises."""
         agents: dict[str, dict[str, int]] = {}
         for r in self._runners.values():
-            if r.alive and not r.draining and r.node is None:
+            if r.alive and not r.draining and not r.out_of_rotation and r.node is None:
                 a = agents.setdefault(r.agent_id, {"runners": 0, "capacity": 0, "load": 0})
                 a["runners"] += 1
                 a["capacity"] += r.capacity
@@ -468,7 +563,8 @@ class AgentHub:
     async def serve_offer(self, origin: str, agent_id: str, assign: dict[str, Any],
                           ack_s: float) -> tuple[bool, str | None]:
         """A session on node `origin` wants a runner of `agent_id`: offer its `job.assign` (bridge URL and
-        call token are the origin's) to ours, least loaded first, within `ack_s`. (accepted, why not)."""
+        call token are the origin's) to ours, least loaded first, within `ack_s`: each runner gets our ack
+        deadline before the next is tried, the last one the rest of `ack_s`. (accepted, why not)."""
         job_id = str(assign["job_id"])
         if job_id in self._jobs:
             return False, "duplicate_job"
@@ -494,22 +590,23 @@ class AgentHub:
             runner.assigned_total += 1
             self._jobs[job_id] = job
             self._changed()
-            frame = {**assign, "deadline_ms": int(remaining * 1000)}
+            ack_i = min(self.ack_timeout_s, remaining)
+            frame = {**assign, "deadline_ms": int(ack_i * 1000)}
             if runner.ws is None or not await _send(runner.ws, frame):
                 self.release(job, "runner_lost")
                 reason = "runner_lost"
                 continue
-            try:
-                accepted, why = await asyncio.wait_for(asyncio.shield(job.ack), remaining)
-            except TimeoutError:
-                runner.missed_acks += 1
-                self.counters["acks_timed_out"] += 1
+            answer = await self._await_ack(job, ack_i, deadline, None,
+                                           lambda: self._other_free(agent_id, tried, remote=False))
+            if isinstance(answer, str):
+                if answer == "ack_timeout":
+                    self._missed_ack(runner)
                 self._remember_expired(job_id, runner)
-                self.release(job, "ack_timeout")
-                reason = "ack_timeout"
+                self.release(job, answer)
+                reason = answer
                 continue
+            accepted, why = answer
             if accepted and not job.released:
-                runner.missed_acks = 0
                 self.counters["jobs_accepted_for_peers"] += 1
                 log.info("runner %s took job %s for session %s on node %s", runner.runner_id, job_id,
                          job.session_id, origin)
@@ -584,7 +681,7 @@ class AgentHub:
         for r in alive:
             a = agents.setdefault(r.agent_id, {"runners": 0, "capacity": 0, "load": 0})
             a["runners"] += 1
-            a["capacity"] += 0 if r.draining else r.capacity
+            a["capacity"] += 0 if r.draining or r.out_of_rotation else r.capacity
             a["load"] += r.load
         return {"runners": len(alive), "agents": agents, "live_calls": sum(
             1 for j in self._jobs.values() if j.bridge is not None and j.bridge.ready.is_set()),
@@ -623,3 +720,12 @@ def session_verbs() -> tuple[str, ...]:
 def _session_over(session: Any) -> bool:
     ended = getattr(session, "ended", None)
     return bool(ended is not None and ended.is_set())
+
+
+async def _settle(fut: asyncio.Future[Any], passes: int = 5) -> None:
+    """A few passes of the event loop, no wall-clock time: what already reached this process (an ack in a
+    socket buffer that a busy loop has not read yet) is read before a deadline counts as missed."""
+    for _ in range(passes):
+        if fut.done():
+            return
+        await asyncio.sleep(0)
