@@ -217,7 +217,9 @@ class AgentRunner:
             self._control.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._control
-        if self._tasks:
+        if self._tasks:  # on_job filters still deciding: no job is taken any more
+            for task in list(self._tasks):
+                task.cancel()
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._http is not None:
             await self._http.close()
@@ -399,6 +401,9 @@ class AgentRunner:
     async def _filter_then_answer(self, call: _Call, verdict: Awaitable[bool]) -> None:
         try:
             ok = bool(await verdict)
+        except asyncio.CancelledError:  # shutdown while the filter ran: the slot is free again
+            self.calls.pop(call.job_id, None)
+            raise
         except Exception:
             log.exception("runner %s: on_job filter raised; rejecting job %s", self.worker_id, call.job_id)
             ok = False

@@ -300,6 +300,77 @@ async def test_runner_rejects_jobs_it_cannot_take(agent_channel) -> None:
         await site_runner.cleanup()
 
 
+async def test_acks_do_not_wait_for_a_slow_job_filter_or_for_call_set_up() -> None:
+    """In-process runner, hand-driven control peer: a burst of offers is answered without waiting for any call
+    to start; an async on_job filter holds its slot, but not the answers to the offers behind it."""
+    gate = asyncio.Event()
+    filtered: list[str] = []
+
+    async def on_job(job: dict[str, Any]) -> bool:
+        filtered.append(job["job_id"])
+        if job["job_id"] == "job_slow":
+            await gate.wait()
+        return True
+
+    acks: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    control: list[web.WebSocketResponse] = []
+    dials: list[str] = []
+
+    async def control_socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        control.append(ws)
+        async for msg in ws:
+            frame = json.loads(msg.data)
+            if frame["type"] == "register":
+                await ws.send_json({"type": "registered", "runner_id": "run_x", "protocol": 1,
+                                    "heartbeat_interval_ms": 30000, "heartbeat_timeout_ms": 90000})
+            elif frame["type"] == "job.ack":
+                await acks.put(frame)
+        return ws
+
+    async def silent_bridge(request: web.Request) -> web.WebSocketResponse:
+        dials.append(request.match_info["sid"])
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:  # never says hello.ack: the call stays in set-up
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/agents/connect", control_socket)
+    app.router.add_get("/v1/agents/bridge/{sid}", silent_bridge)
+    site_runner = web.AppRunner(app)
+    await site_runner.setup()
+    site = web.TCPSite(site_runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site_runner.addresses[0][1]}"
+    runner = AgentRunner(_noop, agent_id="probe", capacity=40, url=base, api_key="spk_test", on_job=on_job,
+                         call_start_timeout_s=30.0, end_timeout_s=0.5)
+    try:
+        await runner.start(timeout_s=10)
+        ids = ["job_slow", *(f"job_{i}" for i in range(39)), "job_over"]
+        for job_id in ids:  # written back to back, as the hub does in a burst
+            await control[0].send_json({
+                "type": "job.assign", "job_id": job_id, "session_id": f"sess_{job_id}", "agent_id": "probe",
+                "bridge_url": f"{base.replace('http', 'ws')}/v1/agents/bridge/{job_id}",
+                "call_token": "spc_t", "deadline_ms": 1000, "metadata": {}})
+        got = {a["job_id"]: a for a in [await asyncio.wait_for(acks.get(), 10) for _ in range(40)]}
+        # Every job behind the slow filter is answered while it still decides; it holds the 40th slot.
+        assert set(got) == set(ids[1:]) and all(got[i]["accepted"] for i in ids[1:40])
+        assert got["job_over"] == {"type": "job.ack", "job_id": "job_over", "accepted": False,
+                                   "reason": "at_capacity"}
+        assert filtered == ids[:40]  # job_over never got as far as the filter
+        gate.set()
+        assert await asyncio.wait_for(acks.get(), 10) == {"type": "job.ack", "job_id": "job_slow",
+                                                          "accepted": True}
+        await until(lambda: len(dials) == 40, what="every accepted call dialled its bridge")
+        assert runner.stats()["jobs_accepted"] == 40 and runner.stats()["active_calls"] == 40
+    finally:
+        await runner.shutdown(timeout_s=0)
+        await site_runner.cleanup()
+
+
 async def test_control_socket_reconnects_and_calls_survive(agent_channel) -> None:
     ch = await agent_channel()
     proxy = await TcpProxy(int(ch.url.rsplit(":", 1)[1])).start()
