@@ -29,6 +29,12 @@ time); `--pace realtime` uses pipeline.realtime.RealtimeLine. Nothing in the ses
 wall clock (endpointing counts frames, the STT lane runs in order, the agent is silent), and both paces
 gave the same turns, word for word, on the legs checked (see the commit that added this file).
 
+Whisper's text for the same audio is repeatable within a process but not between processes (three
+processes decoding the same 20 noisy prompts disagreed on 6 of them), so a leg's WERs move between runs:
+by up to ~0.008 on clean legs and ~0.02 on noisy ones here. Read the differences between rows of one run
+(the in-process rows decode product and engine alone in the same process) and treat smaller changes
+across runs as noise.
+
 Per leg, utterances are matched to the session's stored user rows (`turns`, role user): the shift between
 the sent audio and the session's clock is found by cross-correlating the 20 ms energy envelopes of the
 sent track and the session recording's left channel (the caller as the session received it), then each
