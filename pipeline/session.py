@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from . import agent as msg
 from . import events as ev
 from .agent import AgentGone, AgentLink
 from .audio import FrameChunker, Resampler
+from .barge_in import Action, BargeIn, fillers_only
 from .config import PipeConfig
 from .recorder import StereoRecorder
 from .speaker import Reply, Speaker
@@ -48,19 +48,6 @@ log = logging.getLogger(__name__)
 PROCESS_RATE = 16000  # VAD, STT and the recording run at this rate
 FRAME = PROCESS_RATE // 50
 PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
-_WORD = re.compile(r"[\w']+(?:-[\w']+)*")  # any script: Korean words count as words too
-_HUM = re.compile(r"[mh]+|u?h?m+|u+h+")  # folded hums and fillers: "mmm", "hmm", "mhm", "uhm", "um", "uh"
-
-
-def _fold(word: str) -> str:
-    """Spelling-proof form of a word: letters only, runs collapsed ("Mm-hmm" → "mhm", "okay" stays)."""
-    return re.sub(r"(.)\1+", r"\1", re.sub(r"[\W_]", "", word))
-
-
-def _fillers_only(text: str) -> bool:
-    """Nothing but hums, fillers and stray letters ("Hmm.", "Uh, m")."""
-    words = [_fold(w) for w in _WORD.findall(text.lower())]
-    return all(_HUM.fullmatch(w) or (len(w) == 1 and w not in "ia" and not w.isdigit()) for w in words)
 
 
 class Engines:
@@ -208,7 +195,7 @@ class PipelineSession:
         self._replies: dict[int, Reply] = {}
         self._reply_text: dict[int, list[str]] = {}
         self._answering: dict[int, _UserTurnRecord] = {}
-        self._barge: dict[str, Any] | None = None
+        self.barge = BargeIn(cfg.barge_in, streaming=self.stt_engine.streaming)
         self._writes: set[asyncio.Task[Any]] = set()
         self._end_after_speech: str | None = None
         self._last_pull_wall = 0.0
@@ -293,7 +280,7 @@ class PipelineSession:
                     await self._on_frame(frame, voiced, wall)
                 if self._early_pause is not None and self._votes_used > self._early_pause:
                     self._early_pause = None  # the onset vote reached the detector: it has decided
-                    if self._barge is None:
+                    if not self.barge.active:
                         self.speaker.paused = False
                 await self._maybe_end_after_speech()
                 self._check_silence()
@@ -311,7 +298,7 @@ class PipelineSession:
         self._votes_seen += 1
         self._native_run = self._native_run + 1 if voiced else 0
         active = self.speaker.active
-        if (self._native_run == self.detector.onset_frames and self._barge is None and active is not None
+        if (self._native_run == self.detector.onset_frames and not self.barge.active and active is not None
                 and active.interruptible and active.started_at is not None and self.config.barge_in.enabled
                 and self.detector.state is not State.SPEAKING):
             self.speaker.paused = True
@@ -342,7 +329,7 @@ class PipelineSession:
                 self._barge_onset()
             elif signal is Signal.RESUME:
                 self.stt.release_held()
-                if self._barge is None:
+                if not self.barge.active:
                     self._onset_wall = wall
                     self._barge_onset()
             elif signal is Signal.PAUSE:
@@ -419,24 +406,19 @@ class PipelineSession:
                                short: bool = False) -> None:
         """Every finished utterance ends here, and none vanishes: it becomes a user turn, or a stored,
         marked non-turn (a backchannel over the agent; noise), with an event, a metric and a log line."""
-        words = self._meaningful(text)
-        b = self._barge
-        if b is not None:
-            # The user spoke over the agent and has finished. Cut the agent only if the words hold up (the
-            # same meaningful word as the last check, or a streaming engine's text); Whisper on a cough can
-            # invent a word, a real interruption says it twice.
-            agreed = bool(words & b.get("words", set())) or self.stt_engine.streaming
-            if words and (agreed or self.config.barge_in.min_words == 0):
+        verdict = self.barge.utterance_end(text)  # NONE: the agent was not talking (or not interruptible)
+        if verdict is not Action.NONE:
+            if verdict is Action.CUT:
                 self._barge_in(text)
             else:
                 self._barge_resume(f"not an interruption: {text!r}")
-                if not words:
+                if not self.barge.meaningful(text):
                     self._non_turn("backchannel" if text else "noise", text, start_ms, end_ms)
                     return
                 # Real words that did not earn a cut: the agent finishes its sentence, then hears them.
                 log.info("session %s: %r said over the agent becomes a turn after the reply",
                          self.session_id, text)
-        elif not text or (short and _fillers_only(text)):
+        elif not text or (short and fillers_only(text)):
             # A blip shorter than min_speech_ms that says only "hm" is not a turn; a short "No." is.
             self._non_turn("noise", text, start_ms, end_ms)
             return
@@ -516,69 +498,40 @@ class PipelineSession:
         self._seq += 1
         return self._seq
 
-    # ---- barge-in ----------------------------------------------------------------------------------
+    # ---- barge-in: `BargeIn` decides, the session acts ---------------------------------------------
     def _barge_onset(self) -> None:
         active = self.speaker.active
-        if active is None or not active.interruptible or not self.config.barge_in.enabled:
-            return
-        self._barge = {"onset_wall": self._onset_wall, "checking": False, "next_check_ms": 0}
-        if active.started_at is not None:
+        action = self.barge.onset(self._onset_wall, interruptible=active is not None and active.interruptible,
+                                  playing=active is not None and active.started_at is not None)
+        if action is Action.PAUSE:
             self.speaker.paused = True  # stop sending now; words decide later whether this is a cut
 
     def _barge_check(self) -> None:
-        b = self._barge
-        cfg = self.config.barge_in
-        if b is None or b["checking"] or self.detector.speech_ms < max(cfg.min_speech_ms, b["next_check_ms"]):
-            return
-        if cfg.min_words == 0:
+        action = self.barge.due(self.detector.speech_ms)
+        if action is Action.CUT:
             self._barge_in("")
-            return
-        b["checking"] = True
-        b["next_check_ms"] = self.detector.speech_ms + 200
-        fut = self.stt.latest()
-        fut.add_done_callback(self._barge_checked)
+        elif action is Action.CHECK:
+            self.stt.latest().add_done_callback(self._barge_checked)
 
     def _barge_checked(self, fut: asyncio.Future[Any]) -> None:
-        b = self._barge
-        if b is None:
-            return
-        b["checking"] = False
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        result = fut.result()
-        text = result.text if isinstance(result, Transcript) else (result or "")
-        # Whisper on a fraction of a word can invent one ("mhm" → "M. A."); a real interruption says the
-        # same word in two checks 200 ms apart, a hallucination rarely does.
-        words = self._meaningful(text)
-        if words and (words & b.get("words", set()) or self.stt_engine.streaming):
-            self._barge_in(text)
-        b["words"] = words
-
-    def _meaningful(self, text: str) -> set[str]:
-        """The words that may cut the agent off: none if there are too few words, or only backchannels
-        ("mm-hmm", "okay") and stray letters."""
-        words = [_fold(w) for w in _WORD.findall(text.lower())]
-        if len(words) < max(self.config.barge_in.min_words, 1):
-            return set()
-        backchannel = {_fold(w) for w in self.config.barge_in.backchannel_words}
-        return {w for w in words  # a lone digit is a word ("7 8 9" dictated over the agent), a letter not
-                if (len(w) > 1 or w == "i" or w.isdigit()) and w not in backchannel and not _HUM.fullmatch(w)}
-
-    def _qualifies(self, text: str) -> bool:
-        return bool(self._meaningful(text))
+        text = None  # the check failed: it decides nothing
+        if not fut.cancelled() and fut.exception() is None:
+            result = fut.result()
+            text = result.text if isinstance(result, Transcript) else (result or "")
+        if self.barge.checked(text) is Action.CUT:
+            self._barge_in(text or "")
 
     def _barge_resume(self, why: str) -> None:
-        if self._barge is None:
+        if self.barge.take() is None:
             return
         log.info("session %s: no barge-in (%s); agent audio resumes", self.session_id, why)
         self.counts["false_barge_ins"] += 1
-        self._barge = None
         self.speaker.paused = False
 
     def _barge_in(self, user_text: str) -> None:
         """Cut every live reply: drop queued audio, tell the transport and the agent what was heard."""
-        onset = self._barge["onset_wall"] if self._barge else time.monotonic()
-        self._barge = None
+        candidate = self.barge.take()
+        onset = candidate.onset_wall if candidate is not None else time.monotonic()
         cut = self.speaker.cancel_all()
         self.speaker.paused = False
         self._emit(ev.Clear())
@@ -675,7 +628,7 @@ class PipelineSession:
         elif kind == msg.TRANSFER:
             await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
         elif kind == msg.INTERRUPT:
-            self._barge = None
+            self.barge.take()
             cut = self.speaker.cancel_all()
             self.speaker.paused = False
             if cut:
