@@ -1,13 +1,17 @@
 """Speech-to-text engines on real audio: Whisper (English, 16 kHz and phone-grade G.711) and Vosk (Korean,
 streaming), plus model resolution and the speech helpers every other test relies on.
 
-All audio is espeak-ng speech (tests/speech.py); nothing here fakes an engine.
+Audio is espeak-ng speech (tests/speech.py) and, where the Debian sound packages are installed, the real
+human development set (tests/realspeech.py); nothing here fakes an engine. Accuracy is judged as corpus WER
+over a whole set against a measured figure plus a stated margin, never per sentence: one word flipping on
+another CPU (another int8 kernel) must not fail a landing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -23,18 +27,22 @@ from speechpipe.pipeline import models
 from speechpipe.pipeline.models import ModelUnavailable, get_stt_engine
 from speechpipe.pipeline.stt.vosk import VoskEngine
 from speechpipe.pipeline.stt.whisper import (
+    DecodeInfo,
     WhisperEngine,
     collapse_repeats,
     find_repeats,
     repeated_tail,
     split_long,
 )
+from tests import realspeech
 from tests.speech import (
     alaw_decode,
     alaw_encode,
     g711_roundtrip,
+    normalise_text,
     phone_speech,
     read_wav,
+    resample,
     silence,
     synth,
     ulaw_decode,
@@ -46,30 +54,31 @@ from tests.speech import (
 ROOT = Path(__file__).resolve().parent.parent
 FRAME = 320  # 20 ms at 16 kHz
 
-# (sentence, measured WER at 16 kHz, measured WER at 8 kHz µ-law round trip) with tiny.en int8, beam 5, the
-# default window (audio + 3 s, whole seconds). Each sentence may score at most measured + _HEADROOM: about
-# one word more than measured in a 7-9 word sentence.
 SENTENCES = [
-    ("Hello, I would like to book a table for two people tonight.", 0.17, 0.25),
-    ("Please transfer me to the billing department.", 0.14, 0.14),
-    ("My account number is not working anymore.", 0.14, 0.14),
-    ("Can you tell me when the next train leaves for Boston?", 0.0, 0.18),
-    ("I need to change my delivery address before Friday.", 0.0, 0.0),
-    ("Thank you very much for your help today.", 0.0, 0.0),
-    ("The meeting has been moved to three o'clock in the afternoon.", 0.0, 0.36),
-    ("What time does the pharmacy close on Sunday?", 0.0, 0.0),
-    ("I forgot my password and cannot log in to the website.", 0.18, 0.64),
-    ("We are planning a trip to the mountains next summer with our children and their friends.", 0.0, 0.0),
-    ("The package arrived yesterday but the box was damaged and some of the glasses inside were broken.",
-     0.0, 0.12),
-    ("I would like to speak with a customer service representative.", 0.0, 0.30),
-    ("Please send the invoice to my email address.", 0.0, 0.0),
-    ("Good morning, how are you doing today?", 0.0, 0.0),
+    "Hello, I would like to book a table for two people tonight.",
+    "Please transfer me to the billing department.",
+    "My account number is not working anymore.",
+    "Can you tell me when the next train leaves for Boston?",
+    "I need to change my delivery address before Friday.",
+    "Thank you very much for your help today.",
+    "The meeting has been moved to three o'clock in the afternoon.",
+    "What time does the pharmacy close on Sunday?",
+    "I forgot my password and cannot log in to the website.",
+    "We are planning a trip to the mountains next summer with our children and their friends.",
+    "The package arrived yesterday but the box was damaged and some of the glasses inside were broken.",
+    "I would like to speak with a customer service representative.",
+    "Please send the invoice to my email address.",
+    "Good morning, how are you doing today?",
 ]
-_HEADROOM = 0.15
-# Mean over the sentences above: measured 0.045 (16 kHz) and 0.16 (µ-law); the 30 s window scores 0.06 and
-# 0.33 on the same model, so a regression to full-window quality on phone audio fails here.
-MEAN_BOUND = {"16k": 0.08, "ulaw": 0.22}
+# Corpus WER bounds, tiny.en int8 beam 5 (window = audio + 6 s). Measured on the sentences above with
+# CTranslate2 forced to each of AVX512, AVX2, AVX and GENERIC kernels (CT2_FORCE_CPU_ISA): 16 kHz
+# 0.042-0.049, µ-law 0.162-0.176. Margin: ~0.05 (7 of 142 words) and ~0.08 (11 words). The 30 s window
+# scores 0.067 / 0.229 here, the previous 3 s margin 0.042 / 0.176 (with its repeat guard).
+SENTENCE_WER_BOUND = {"16k": 0.10, "ulaw": 0.25}
+# The real development set (40 Asterisk prompts, 372 words), measured on every kernel above: wideband 0.043,
+# telephone 0.035-0.038 (its sox dither differs per process, so its words may too). The 3 s margin measured
+# 0.059 / 0.054-0.062 with one repeated tail on each leg.
+DEVSET_WER_BOUND = {"wideband": 0.08, "telephone": 0.08}
 
 # Character disagreement allowed between two decodes of the same audio (measured up to ~0.4).
 _VOSK_JITTER = 0.5
@@ -83,6 +92,62 @@ KOREAN = [
 
 def _audio(cond: str, text: str) -> np.ndarray:
     return synth(text) if cond == "16k" else phone_speech(text, law="ulaw")
+
+
+def corpus_wer(refs: list[str], hyps: list[str]) -> float:
+    """Word errors over all sentences divided by all reference words (jiwer), after normalise_text()."""
+    return float(jiwer.wer([normalise_text(r) for r in refs], [normalise_text(h) for h in hyps]))
+
+
+def _sentences(text: str) -> list[list[str]]:
+    return [w for w in (normalise_text(s).split() for s in re.split(r"(?<=[.?!])\s+", text.strip())) if w]
+
+
+def _restarts(text: str) -> list[str]:
+    """Sentences after the first that open with >= 2 words of an earlier sentence's opening; the last of
+    those words may be cut short ("dial" for "dialed"). Returns the repeated opening of each."""
+    sents, found = _sentences(text), []
+    for k in range(1, len(sents)):
+        for prev in sents[:k]:
+            m = 0
+            while m < min(len(sents[k]), len(prev)) and sents[k][m] == prev[m]:
+                m += 1
+            if m == len(sents[k]) - 1 and m < len(prev) and prev[m].startswith(sents[k][m]):
+                m += 1
+            if m >= 2:
+                found.append(" ".join(sents[k][:m]))
+                break
+    return found
+
+
+def _doubled(text: str) -> list[str]:
+    """Word n-grams (n >= 2) immediately followed by themselves ("the pound the pound")."""
+    words, found = normalise_text(text).split(), []
+    for i in range(len(words)):
+        for n in range(2, (len(words) - i) // 2 + 1):
+            if words[i : i + n] == words[i + n : i + 2 * n]:
+                found.append(" ".join(words[i : i + n]))
+                break
+    return found
+
+
+def repeated_tails(ref: str, hyp: str) -> list[str]:
+    """The repeats in `hyp` that the reference does not have: a restart (a sentence opening again with >= 2
+    words of an earlier sentence's opening, the last possibly cut short) or a doubled word n-gram (n >= 2),
+    counted only when `hyp` has more repeats of that kind than `ref` and the repeated words occur more often
+    in `hyp` than in `ref`. So "Thank you. Thank you very much." for "Thank you, thank you very much." and
+    "Press 1. Press 1 again." for "Press one. Press one again." are no repeated tails."""
+    def count(words: list[str], run: str) -> int:
+        r = run.split()
+        return sum(words[i : i + len(r)] == r for i in range(len(words) - len(r) + 1))
+
+    ref_words, hyp_words = normalise_text(ref).split(), normalise_text(hyp).split()
+    tails = []
+    for kind in (_restarts, _doubled):
+        found = kind(hyp)
+        if len(found) > len(kind(ref)):
+            tails += [r for r in found if count(hyp_words, r) > count(ref_words, r) and r not in tails]
+    return tails
 
 
 def _cer(ref: str, hyp: str) -> float:
@@ -157,20 +222,85 @@ def test_wav_roundtrip_and_wer(tmp_path: Path) -> None:
 # --- Whisper ---------------------------------------------------------------------------------------------
 
 
+Decoded = list[tuple[str, str, DecodeInfo]]  # (reference, text, what the decode saw)
+
+
+@pytest.fixture(scope="module")
+def sentence_decodes(whisper_engine: WhisperEngine) -> dict[str, Decoded]:
+    """SENTENCES through a stream in 20 ms frames, as the pipeline feeds it, once per condition."""
+    out: dict[str, Decoded] = {}
+    for cond in ("16k", "ulaw"):
+        out[cond] = []
+        for text in SENTENCES:
+            stream = whisper_engine.new_stream("en")
+            _stream_frames(stream, _audio(cond, text))
+            got = stream.final().text
+            assert stream.last_info is not None
+            out[cond].append((text, got, stream.last_info))
+    return out
+
+
+@pytest.fixture(scope="module")
+def devset_decodes(whisper_engine: WhisperEngine) -> dict[str, Decoded]:
+    """The real-speech development set, wideband and telephone (8 kHz μ-law, upsampled), decoded once."""
+    reason = realspeech.missing()
+    if reason:
+        pytest.skip(reason)
+    out: dict[str, Decoded] = {"wideband": [], "telephone": []}
+    for u in realspeech.devset():
+        for leg, pcm in (("wideband", realspeech.wideband(u)),
+                         ("telephone", resample(realspeech.telephone(u), 8000, 16000))):
+            text, info = whisper_engine.transcribe(pcm, "en")
+            out[leg].append((u.text, text, info))
+    return out
+
+
+def _report(name: str, decoded: Decoded) -> str:
+    wer_ = corpus_wer([r for r, _, _ in decoded], [t for _, t, _ in decoded])
+    ms = 1000 * statistics.mean(info.encode_s + info.decode_s for *_, info in decoded)
+    return f"whisper {name}: corpus WER {wer_:.3f}, model {ms:.0f} ms"
+
+
 @pytest.mark.parametrize("cond", ["16k", "ulaw"])
-def test_whisper_sentences(whisper_engine: WhisperEngine, cond: str) -> None:
-    scores = []
-    for text, m16, mulaw in SENTENCES:
-        stream = whisper_engine.new_stream("en")
-        _stream_frames(stream, _audio(cond, text))
-        got = stream.final().text
-        score = wer(text, got)
-        scores.append(score)
-        bound = (m16 if cond == "16k" else mulaw) + _HEADROOM
-        assert score <= bound, f"{cond}: {text!r} -> {got!r} (WER {score:.2f} > {bound:.2f})"
-    mean = statistics.mean(scores)
-    print(f"whisper {cond}: mean WER {mean:.3f} over {len(scores)} sentences")
-    assert mean <= MEAN_BOUND[cond]
+def test_whisper_sentences(sentence_decodes: dict[str, Decoded], cond: str) -> None:
+    decoded = sentence_decodes[cond]
+    print(_report(f"espeak {cond}", decoded))
+    wer_ = corpus_wer([r for r, _, _ in decoded], [t for _, t, _ in decoded])
+    worst = sorted(decoded, key=lambda d: -wer(d[0], d[1]))[:3]
+    assert wer_ <= SENTENCE_WER_BOUND[cond], (wer_, [(r, t) for r, t, _ in worst])
+
+
+@pytest.mark.parametrize("leg", ["wideband", "telephone"])
+def test_whisper_devset_accuracy(devset_decodes: dict[str, Decoded], leg: str) -> None:
+    decoded = devset_decodes[leg]
+    print(_report(f"devset {leg}", decoded))
+    wer_ = corpus_wer([r for r, _, _ in decoded], [t for _, t, _ in decoded])
+    worst = sorted(decoded, key=lambda d: -wer(d[0], d[1]))[:3]
+    assert wer_ <= DEVSET_WER_BOUND[leg], (wer_, [(r, t) for r, t, _ in worst])
+
+
+@pytest.mark.parametrize("leg", ["wideband", "telephone"])
+def test_whisper_devset_has_no_repeated_tails(devset_decodes: dict[str, Decoded], leg: str) -> None:
+    # Before the fix: "Your call cannot be completed as dialed. Your call cannot be completed as dial" on
+    # both legs (and 5 wideband / 9 telephone whole-sentence repeats before the guard removed them).
+    tails = [(t, repeated_tails(r, t)) for r, t, _ in devset_decodes[leg] if repeated_tails(r, t)]
+    assert tails == []
+
+
+def test_repeated_tails_definition() -> None:
+    dialed = "Your call cannot be completed as dialed."
+    assert repeated_tails(dialed, f"{dialed} Your call cannot be completed as dial") == [
+        "your call cannot be completed as dial"]
+    assert repeated_tails(dialed, f"{dialed} {dialed}") == ["your call cannot be completed as dialed"]
+    pound = "Please press the pound key."
+    assert repeated_tails(pound, "Please press the pound the pound key.") == ["the pound"]
+    # Repeats the speaker said, even misheard, are not tails.
+    for ref, hyp in [("Thank you, thank you very much.", "Thank you. Thank you very much."),
+                     ("Press one. Press one again.", "Press 1. Press 1 again."),
+                     ("My number is five five five, one two one two.", "My number is 5 5 5 1 2 1 2"),
+                     ("Please hold. Please hold the line.", "Please fold, please fold the line."),
+                     ("I said no no no.", "I said no, no, no.")]:
+        assert repeated_tails(ref, hyp) == [], (ref, hyp)
 
 
 def test_whisper_short_answers_survive_the_guards(whisper_engine: WhisperEngine) -> None:
@@ -179,7 +309,8 @@ def test_whisper_short_answers_survive_the_guards(whisper_engine: WhisperEngine)
     for word in ["yes", "no", "thank you", "hello", "goodbye", "wait a moment"]:
         for audio in (synth(word), phone_speech(word)):
             text, info = whisper_engine.transcribe(audio)
-            assert wer(word, text) == 0.0, (word, text, info)
+            # Letters, not word splits: "Good bye." is goodbye said once (tiny.en writes it either way).
+            assert normalise_text(text).replace(" ", "") == word.replace(" ", ""), (word, text, info)
 
 
 def _white_noise(dbfs: float, seconds: float, seed: int) -> np.ndarray:
@@ -209,7 +340,7 @@ def test_whisper_hears_nothing_in_silence_and_noise(whisper_engine: WhisperEngin
 
 
 def test_whisper_speculative_final_is_reused_until_more_audio(whisper_engine: WhisperEngine) -> None:
-    first, second = SENTENCES[1][0], SENTENCES[7][0]
+    first, second = SENTENCES[1], SENTENCES[7]
     stream = whisper_engine.new_stream("en")
     assert stream.partial() is None  # partials are off by default
     _stream_frames(stream, synth(first))
@@ -231,7 +362,7 @@ def test_whisper_speculative_final_is_reused_until_more_audio(whisper_engine: Wh
 def test_whisper_partials_when_enabled(whisper_engine: WhisperEngine,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(whisper_engine, "partial_interval_s", 1.0)
-    text = SENTENCES[9][0]
+    text = SENTENCES[9]
     audio = synth(text)
     stream = whisper_engine.new_stream("en")
     seen = []
@@ -246,7 +377,7 @@ def test_whisper_partials_when_enabled(whisper_engine: WhisperEngine,
 
 
 def test_whisper_long_turn_is_chunked(whisper_engine: WhisperEngine) -> None:
-    texts = [s for s, _, _ in SENTENCES[:11]]
+    texts = SENTENCES[:11]
     audio = np.concatenate([np.concatenate([synth(t), silence(250)]) for t in texts])
     assert len(audio) / 16000 > 30
     text, info = whisper_engine.transcribe(audio)
@@ -255,7 +386,7 @@ def test_whisper_long_turn_is_chunked(whisper_engine: WhisperEngine) -> None:
 
 
 def test_whisper_two_sessions_decode_at_once(whisper_engine: WhisperEngine) -> None:
-    texts = [SENTENCES[4][0], SENTENCES[5][0]]
+    texts = [SENTENCES[4], SENTENCES[5]]
     results: dict[int, str] = {}
 
     def run(k: int) -> None:
@@ -296,7 +427,7 @@ def test_collapse_repeats_on_observed_loops() -> None:
 
 
 def test_split_long_cuts_in_pauses() -> None:
-    speech = synth(SENTENCES[10][0])
+    speech = synth(SENTENCES[10])
     audio = np.concatenate([speech, silence(400)] * 7)  # ~44 s
     rms = np.sqrt(np.mean(audio[: len(audio) // FRAME * FRAME].astype(float).reshape(-1, FRAME) ** 2, axis=1))
     chunks = split_long(rms, 25)

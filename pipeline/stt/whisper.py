@@ -1,18 +1,36 @@
 """Whisper speech-to-text via faster-whisper (CTranslate2, int8 on CPU), tuned for short turns.
 
 Owns the decode of one utterance: log-mel features over a *short* window instead of Whisper's fixed 30 s
-(CTranslate2's encoder accepts fewer frames; whisper.cpp calls this the "audio_ctx" trick), greedy or beam
-search with a no-timestamps prompt, and the guards against Whisper's failure modes on telephone-grade turns:
-hallucinated text on silence and noise, repeated-phrase loops, and stock junk phrases.
+(CTranslate2's encoder accepts fewer frames; whisper.cpp calls this the "audio_ctx" trick), beam search with
+a no-timestamps prompt, the guards against Whisper's failure modes on telephone-grade turns (hallucinated
+text on silence and noise, repeat loops and restarts, stock junk phrases).
 
-Window choice, measured with tiny.en int8, beam 5, one thread, on 28 espeak-ng sentences (1.7-5.4 s) at
-16 kHz and as 8 kHz G.711 (µ-law, A-law) upsampled: the audio is zero-padded to `max(min_window_s,
-ceil(duration + margin_s))` seconds. Padding the *audio* before the mel transform (the silence Whisper was
-trained on) beats zero-padding the features. With margin 3 s, mean WER is 0.064/0.079 (16 kHz, two sentence
-sets) against 0.061/0.095 for the 30 s window, and 0.21/0.21 against 0.33/0.38 on µ-law, while the encoder
-costs 50-150 ms instead of ~700 ms. A 1 s margin loses accuracy (more loops and substitutions), 2 s a
-little on µ-law. The minimum only matters below one second of audio; 2-5 s decoded the same there.
-Greedy search (beam_size=1) saves ~30-40 % of the decode time but raises µ-law WER to ~0.3.
+Figures below: tiny.en int8, beam 5, one thread; "dev set" is the 40 real prompts of tests/realspeech.py
+(wideband / telephone: 8 kHz μ-law upsampled), "espeak" the 14 + 10 sentences of tests/test_stt.py and
+bench/pipeline.py (16 kHz / μ-law); WER is corpus WER.
+
+Window. The audio is zero-padded to `max(min_window_s, ceil(duration + margin_s))` seconds; padding the
+*audio* before the mel transform (the silence Whisper was trained on) beats zero-padding the features. The
+margin is what stops the decoder restarting: given too little silence after the last word, it begins the
+utterance again into the padding ("Your call cannot be completed as dialed. Your call cannot be completed as
+dial"). Raw decodes (no guards) on the dev set, WER and restarts per leg: margin 1 s 0.23/0.37 with 10/20
+restarts; 3 s 0.12/0.18, 5/9; 4 s 0.09/0.15, 3/7; 5 s 0.04/0.07-0.10, 0/2-4; 6 s 0.043/0.035, 0/0; the 30 s
+window 0.040/0.038, 0/0. On espeak, 6 s gives 0.063/0.184 (3 s: 0.090/0.242, 30 s: 0.067/0.229). The
+encoder costs 35-60 ms over a 7-10 s window against ~350 ms over 30 s; with the restarts gone, a decode
+costs ~7-10 % more CPU than with the 3 s margin (mean 149 against 139 ms over the 128 clean decodes, same
+process, interleaved). Espeak at 240 words/min is the one set measured worse: 0.184 against 0.126 at 16 kHz.
+The minimum window no longer matters (ceil(duration + 6) >= 7). Greedy search (beam_size=1) saved ~30-40 %
+of the decode time but raised μ-law WER to ~0.3 (measured with the 3 s margin).
+
+max_length is 8 tokens per second of audio + 8: generous next to the <= 4.6 tokens/s the dev set and espeak
+references need, but digit strings come out at ~6/s, and a tighter cap (5/s + 4) only cuts restarts short
+(1/40 and 3/40 left with the 3 s margin) instead of preventing them.
+
+Guards, in order: an energy gate (no model call on silence); no speech when the no-speech probability is
+above 0.8, or above 0.6 with average log-probability below -1 (faster-whisper's rule); `find_repeats`
+(loops that cannot have been said in the voiced time, restarts, a restart's last word cut short); junk
+phrases on weak evidence.
+
 """
 
 from __future__ import annotations
@@ -36,7 +54,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 _WINDOW_MAX_S = 30  # Whisper's positional embeddings cover 30 s
-_CHUNK_MAX_S = 25  # longer turns are decoded in chunks this long at most, each with a full margin
 _FRAME = SAMPLE_RATE // 50  # 20 ms, for the energy measurements
 # Below this peak 20 ms RMS (-55 dBFS) there is nothing a person said: skip the model entirely. Whisper
 # says "you" on digital silence with no-speech probability 0.99, so it must not even be asked.
@@ -197,6 +214,19 @@ class DecodeInfo:
     decode_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One encoder + decoder pass over one window."""
+
+    window_s: float
+    raw: str
+    avg_logprob: float
+    no_speech_prob: float
+    hit_cap: bool
+    encode_s: float
+    decode_s: float
+
+
 class WhisperEngine(STTEngine):
     """One loaded Whisper model, shared by every session in the process."""
 
@@ -213,7 +243,7 @@ class WhisperEngine(STTEngine):
         compute_type: str = "int8",
         beam_size: int = 5,
         min_window_s: float = 4.0,
-        margin_s: float = 3.0,
+        margin_s: float = 6.0,
         partial_interval_s: float | None = None,
     ) -> None:
         # cpu_threads=1 with num_workers=2: two sessions decode at once on a 2-core machine, each on its own
@@ -246,11 +276,12 @@ class WhisperEngine(STTEngine):
         rms = frame_rms(pcm16)
         if len(pcm16) == 0 or float(rms.max()) < _GATE_RMS:
             return "", DecodeInfo(0.0, 1.0, 0.0, "", "gate")
-        if len(pcm16) <= (_WINDOW_MAX_S - 1) * SAMPLE_RATE:
+        chunk_max_s = max(_WINDOW_MAX_S - self.margin_s, _WINDOW_MAX_S / 2)  # 24 s with the 6 s margin
+        if len(pcm16) <= chunk_max_s * SAMPLE_RATE:
             return self._decode_window(pcm16, rms, language)
         # Longer than one window: cut at the quietest moments into chunks that each get a full margin.
         texts, infos = [], []
-        for start, end in split_long(rms, _CHUNK_MAX_S):
+        for start, end in split_long(rms, chunk_max_s):
             chunk = pcm16[start * _FRAME : end * _FRAME]
             text, info = self._decode_window(chunk, rms[start:end], language)
             infos.append(info)
@@ -289,11 +320,12 @@ class WhisperEngine(STTEngine):
         # <|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>, ids from this model's tokenizer.
         return tok, [*tok.sot_sequence, tok.no_timestamps]
 
-    def _guard(self, raw: str, nsp: float, avg_logprob: float, voiced_s: float, *, hit_cap: bool
-               ) -> tuple[str, str]:
+    def _guard(self, p: _Pass, voiced_s: float) -> tuple[str, str]:
+        """(text, reason) for one pass: see DecodeInfo for the values."""
+        nsp, avg_logprob = p.no_speech_prob, p.avg_logprob
         if nsp > _NO_SPEECH_HARD or (nsp > _NO_SPEECH_SOFT and avg_logprob < _LOGPROB_FLOOR):
             return "", "no_speech"
-        text = collapse_repeats(raw, voiced_s=voiced_s, hit_cap=hit_cap)
+        text = collapse_repeats(p.raw, voiced_s=voiced_s, hit_cap=p.hit_cap)
         norm = _norm_text(text)
         if not norm:
             return "", "junk"  # punctuation only (". .")
@@ -306,8 +338,16 @@ class WhisperEngine(STTEngine):
         dur = len(pcm16) / SAMPLE_RATE
         if float(rms.max()) < _GATE_RMS:
             return "", DecodeInfo(0.0, 1.0, 0.0, "", "gate")
-        # The margin shrinks (to >= 1 s) only for audio of 27-29 s, which must still fit one 30 s window.
+        voiced_s = voiced_seconds(rms)
+        # At most 30 s only as a safety net: transcribe() chunks audio too long for the full margin.
         window_s = min(_WINDOW_MAX_S, max(self.min_window_s, math.ceil(dur + self.margin_s)))
+        p = self._pass(pcm16, window_s, language)
+        text, reason = self._guard(p, voiced_s)
+        return text, DecodeInfo(p.window_s, p.no_speech_prob, p.avg_logprob, p.raw, reason, p.encode_s,
+                                p.decode_s)
+
+    def _pass(self, pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
+        dur = len(pcm16) / SAMPLE_RATE
         audio = np.zeros(int(window_s * SAMPLE_RATE), dtype=np.float32)
         audio[: len(pcm16)] = pcm16.astype(np.float32) / 32768.0
         # Pad the audio, not the features: the padded region then looks like the silence Whisper was trained
@@ -330,10 +370,8 @@ class WhisperEngine(STTEngine):
         tokens = result.sequences_ids[0]
         # faster-whisper's average log-probability (length_penalty=1): the EOT step counts as a token.
         avg_logprob = float(result.scores[0] * len(tokens) / (len(tokens) + 1))
-        raw = tokenizer.decode(tokens).strip()
-        nsp = float(result.no_speech_prob)
-        text, reason = self._guard(raw, nsp, avg_logprob, voiced_seconds(rms), hit_cap=len(tokens) >= max_new)
-        return text, DecodeInfo(float(window_s), nsp, avg_logprob, raw, reason, t1 - t0, t2 - t1)
+        return _Pass(float(window_s), tokenizer.decode(tokens).strip(), avg_logprob,
+                     float(result.no_speech_prob), len(tokens) >= max_new, t1 - t0, t2 - t1)
 
 
 class WhisperStream(STTStream):
