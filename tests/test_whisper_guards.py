@@ -1,0 +1,110 @@
+"""Whisper's failure guards and the choice between its two passes, on decoder outputs given as text.
+
+The model's own behaviour is tested on real audio in tests/test_stt.py; here the decoder's output is fixed
+(strings tiny.en produced on the dev set and on espeak audio), so each rule is pinned down exactly: when the
+30 s second pass runs, which pass is kept, and what DecodeInfo says about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from speechpipe.pipeline.stt.whisper import (
+    WhisperEngine,
+    _Pass,
+    compression_ratio,
+    find_repeats,
+    repeated_tail,
+)
+from tests.speech import synth
+
+DIALED = "Your call cannot be completed as dialed."
+
+
+def test_compression_ratio_is_whispers() -> None:
+    # faster-whisper's get_compression_ratio: UTF-8 bytes over zlib bytes; its threshold is 2.4.
+    assert compression_ratio("") == 0.0
+    assert compression_ratio(DIALED) < 1.2
+    assert compression_ratio(f"{DIALED} {DIALED}") < 2.4  # one restart is not a loop by Whisper's rule
+    assert compression_ratio("Thank you. " * 12) > 2.4
+
+
+def test_find_repeats_names_what_it_removed() -> None:
+    assert find_repeats("Hello? Hello? Hello? Hello?", voiced_s=0.5, hit_cap=False) == ("Hello?", "loop")
+    assert find_repeats(f"{DIALED} Your call cannot be", voiced_s=2.2, hit_cap=False) == (DIALED, "restart")
+    assert find_repeats(DIALED, voiced_s=2.2, hit_cap=False) == (DIALED, "")
+    # A prefix that is not a cut-short word of the earlier sentence is no restart ("dialled" vs "dial").
+    assert find_repeats(f"{DIALED} Your call cannot be completed as dialled", voiced_s=4.0,
+                        hit_cap=False)[1] == ""
+    # Only a sentence end may precede a restart: one long sentence repeating an opening word pair stays.
+    assert repeated_tail("I want the red one not the blue one.") == ""
+
+
+def _fake_passes(short: tuple[str, float, float], full: tuple[str, float, float] | None,
+                 calls: list[float]) -> Callable[[np.ndarray, float, str | None], _Pass]:
+    """A decoder that answers (raw text, avg log-prob, no-speech prob) per window: `full` for 30 s."""
+
+    def run(pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
+        calls.append(window_s)
+        raw, logprob, nsp = full if window_s >= 30 and full else short
+        return _Pass(window_s, raw, logprob, nsp, False, 0.01, 0.05)
+
+    return run
+
+
+@pytest.fixture()
+def audio() -> np.ndarray:
+    # What was said only sets the window (~3.3 s: a 10 s short window) and the voiced seconds the guards
+    # judge repeats by; the words come from the fake decoder.
+    return synth("My number is five five five, one two one two.")
+
+
+@pytest.mark.parametrize(
+    "short,full,text,fallback,path,repeat",
+    [
+        # One clean pass: nothing more runs.
+        ((DIALED, -0.1, 0.05), None, DIALED, "", "short", ""),
+        # The dev set's restart, cut mid-word: removed by the guard, and the full pass (clean) is kept.
+        ((f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04), (DIALED, -0.12, 0.05),
+         DIALED, "repeat", "full", ""),
+        # Whisper's compression rule: the loop is collapsed, the full pass preferred for having none.
+        (("Thank you. " * 12, -0.2, 0.1), ("Thank you.", -0.3, 0.1), "Thank you.", "compression", "full", ""),
+        # Digits read out look like a repeated tail in both passes: the likelier (short) one stays.
+        (("My number is 5 5 5 1 2 1 2", -0.39, 0.1), ("My number is 5 5 5 1 2 1 2 1", -0.42, 0.1),
+         "My number is 5 5 5 1 2 1 2", "repeat", "short+full", "tail"),
+        # A full pass that hears no speech never replaces the speech the short pass heard.
+        ((f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04), ("you", -0.9, 0.95),
+         DIALED, "repeat", "short+full", "restart"),
+    ],
+)
+def test_second_pass_choice(whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray,
+                            short: tuple[str, float, float], full: tuple[str, float, float] | None, text: str,
+                            fallback: str, path: str, repeat: str) -> None:
+    calls: list[float] = []
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(short, full, calls))
+    got, info = whisper_engine.transcribe(audio, "en")
+    assert (got, info.fallback, info.path, info.repeat) == (text, fallback, path, repeat)
+    assert calls == ([10.0] if path == "short" else [10.0, 30.0])
+    kept = full if path == "full" else short
+    assert kept is not None and (info.raw_text, info.avg_logprob) == (kept[0], kept[1])
+    assert info.window_s == calls[-1 if path == "full" else 0]
+    assert info.decode_s == pytest.approx(0.05 * len(calls))  # time covers every pass
+    assert info.compression_ratio == pytest.approx(compression_ratio(kept[0]))
+
+
+def test_no_second_pass_without_speech_or_room(whisper_engine: WhisperEngine,
+                                              monkeypatch: pytest.MonkeyPatch, audio: np.ndarray) -> None:
+    calls: list[float] = []
+    # No speech by the guards' rules: nothing a second pass could rescue.
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(("you you you you", -1.2, 0.9), None, calls))
+    assert whisper_engine.transcribe(audio, "en")[0] == "" and calls == [10.0]
+    # A 24 s turn already fills the 30 s window: there is no longer window to try.
+    calls.clear()
+    long = np.tile(audio, 10)[: 24 * 16000]
+    restart = (f"{DIALED} Your call", -0.1, 0.05)
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, None, calls))
+    text, info = whisper_engine.transcribe(long, "en")
+    assert calls == [30.0] and (info.fallback, info.path, text) == ("", "short", DIALED)
