@@ -36,6 +36,7 @@ from .audio import FrameChunker, Resampler
 from .barge_in import Action, BargeIn, fillers_only
 from .config import PipeConfig
 from .recorder import StereoRecorder
+from .reply import Replies, ReplyHandle, UserTurn
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .stt_lane import STTLane
@@ -83,14 +84,6 @@ class SessionInfo:
     caller_name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     session_id: str | None = None  # given by the store when the session starts
-
-
-@dataclass
-class _UserTurnRecord:
-    seq: int
-    text: str
-    end_wall: float
-    typed: bool = False
 
 
 # A spoken turn that starts before the answer to an unfinished-looking turn is audible, or within this much
@@ -189,20 +182,15 @@ class PipelineSession:
         self._seq = 0  # turns rows, in the order turns end
         self._turn_ids = 0
         self._say_ids = 0
-        self._pending_user: list[_UserTurnRecord] = []  # waiting for an agent to attach
-        self._last_user: _UserTurnRecord | None = None
-        self._cut_at: dict[int, int | None] = {}  # user turn → where its cut answer began (clock samples)
-        self._replies: dict[int, Reply] = {}
-        self._reply_text: dict[int, list[str]] = {}
-        self._answering: dict[int, _UserTurnRecord] = {}
+        self._pending_user: list[UserTurn] = []  # waiting for an agent to attach
+        self._last_user: UserTurn | None = None
+        self._replies = Replies()  # answers owed or playing, and `say`s
         self.barge = BargeIn(cfg.barge_in, streaming=self.stt_engine.streaming)
         self._writes: set[asyncio.Task[Any]] = set()
         self._end_after_speech: str | None = None
         self._last_pull_wall = 0.0
         self._quiet_since = time.monotonic()  # neither side has spoken since (for the `silence` event)
         self._client_reports = False  # the transport's client reports its own playback (web)
-        self._client_heard: dict[int, float] = {}
-        self._client_stopped: dict[int, asyncio.Event] = {}
         self._tasks = [loop.create_task(self._input_loop(), name=f"input:{self.session_id}")]
         self._emit(ev.SessionStarted(self.info.session_id, self.input_rate, self.output_rate,
                                      self.info.direction))
@@ -359,7 +347,7 @@ class PipelineSession:
         if timeout is None or self.agent is None:
             return
         now = time.monotonic()
-        if self.detector.in_utterance or self.speaker.active is not None or self._answering:
+        if self.detector.in_utterance or self.speaker.active is not None or self._replies.answering():
             self._quiet_since = now
         elif now - self._quiet_since >= timeout:
             self._spawn(self._to_agent({"type": msg.SILENCE, "seconds": round(now - self._quiet_since, 2)}))
@@ -443,8 +431,8 @@ class PipelineSession:
         self._supersede_unspoken()
         seq = self._next_seq()
         self.counts["user_turns"] += 1
-        turn = _UserTurnRecord(seq, text, end_wall if end_wall is not None else time.monotonic(), typed)
-        self._answering[seq] = turn
+        turn = UserTurn(seq, text, end_wall if end_wall is not None else time.monotonic(), typed)
+        self._replies.answer(turn)
         self._last_user = turn
         self._emit(ev.UserTurn(seq, text, start_ms, end_ms, typed))
         self._store("add_turn", self.session_id, seq, "user", text, start_ms, end_ms)
@@ -460,7 +448,7 @@ class PipelineSession:
         else:
             await self._to_agent(message)
 
-    def _fragment_continued(self, text: str, start_ms: int) -> _UserTurnRecord | None:
+    def _fragment_continued(self, text: str, start_ms: int) -> UserTurn | None:
         """The previous spoken turn, when the one that started at `start_ms` continues it: it read as
         unfinished, and the user went on before its answer was audible or within its first JOIN_WINDOW_MS
         (session clock, so a slow machine does not change the verdict). An answer still playing to half a
@@ -468,10 +456,10 @@ class PipelineSession:
         prev = self._last_user
         if prev is None or prev.typed or not looks_unfinished(prev.text):
             return None
-        reply = self._replies.get(prev.seq)
-        if prev.seq in self._cut_at:
-            answer_pos = self._cut_at[prev.seq]
-        elif prev.seq in self._answering:
+        reply = self._replies.audio(prev.seq)
+        if prev.answer is not None and prev.answer.cut:
+            answer_pos = prev.answer.cut_at
+        elif prev.seq in self._replies:
             answer_pos = reply.first_frame_pos if reply is not None and reply.started_at is not None else None
         else:
             return None  # answered in full: the new turn stands on its own
@@ -483,15 +471,14 @@ class PipelineSession:
 
     def _supersede_unspoken(self) -> None:
         """A new user turn replaces answers the user has not started hearing yet."""
-        for turn_id in list(self._answering):
-            reply = self._replies.get(turn_id)
-            if reply is not None and reply.started_at is not None:
+        for answer in self._replies.answering():
+            if answer.started:
                 continue
-            self._answering.pop(turn_id)
-            if reply is not None:
-                self.speaker.cancel(reply)
-                self._finish_reply(reply, interrupted=True)
-            self._spawn(self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": turn_id,
+            if answer.audio is not None:
+                self.speaker.cancel(answer.audio)
+                self._finish_reply(answer.audio, interrupted=True)
+            self._replies.close(answer.turn_id)
+            self._spawn(self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": answer.turn_id,
                                         "heard_text": "", "user_text": ""}))
 
     def _next_seq(self) -> int:
@@ -538,25 +525,27 @@ class PipelineSession:
         if cut:
             self.counts["interruptions"] += 1
         for reply in cut:
-            self._cut_at[reply.turn_id] = reply.first_frame_pos if reply.started_at is not None else None
+            handle = self._replies.get(reply.turn_id) or ReplyHandle(reply.turn_id, audio=reply)
+            handle.mark_cut()
             if reply.started_at is not None:
                 reaction = max(0.0, self._last_pull_wall - onset) * 1000
                 self.metrics["barge_in_ms"].append(reaction)
                 self._emit(ev.Metric("barge_in", {"reaction_ms": reaction}))
-            self._spawn(self._interrupted(reply, user_text))
+            self._spawn(self._interrupted(handle, user_text))
         log.info("session %s: barge-in by %r cut %d replies", self.session_id, user_text, len(cut))
 
-    async def _interrupted(self, reply: Reply, user_text: str) -> None:
+    async def _interrupted(self, handle: ReplyHandle, user_text: str) -> None:
         """Book a cut reply. A web client holds up to ~100 ms of audio the server already sent, so when it
         plays audio itself, wait briefly for its `playback: stopped` report and trust that over our count."""
+        reply = handle.audio
+        assert reply is not None
         if reply.started_at is not None and self._client_reports and not self.ended.is_set():
-            waiter = self._client_stopped.setdefault(reply.turn_id, asyncio.Event())
+            if handle.client_stopped is None:
+                handle.client_stopped = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), 0.3)
-        seconds = self._client_heard.pop(reply.turn_id, None)
-        self._client_stopped.pop(reply.turn_id, None)
-        played = round(seconds * self.output_rate) if seconds is not None else None
-        heard = reply.heard_text(played)
+                await asyncio.wait_for(handle.client_stopped.wait(), 0.3)
+        heard = handle.heard_text(self.output_rate)
+        handle.client_stopped = None
         self._emit(ev.BargeIn(reply.turn_id, heard, user_text))
         self._finish_reply(reply, interrupted=True, heard=heard)
         await self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": reply.turn_id,
@@ -567,10 +556,9 @@ class PipelineSession:
         self._client_reports = True
         if turn_id is None or state not in ("stopped", "ended"):
             return
-        self._client_heard[turn_id] = seconds
-        waiter = self._client_stopped.get(turn_id)
-        if waiter is not None:
-            waiter.set()
+        handle = self._replies.get(turn_id)  # a report for a reply already booked is too late to matter
+        if handle is not None:
+            handle.client_report(seconds)
 
     # ---- agent side ------------------------------------------------------------------------------------
     async def _to_agent(self, message: dict[str, Any]) -> None:
@@ -608,56 +596,60 @@ class PipelineSession:
                                       "message": f"could not handle {message.get('type')!r}"})
 
     async def _on_agent_message(self, m: dict[str, Any]) -> None:
-        kind = m.get("type")
-        if kind == msg.TEXT_DELTA:
-            turn_id = int(m["turn_id"])
-            reply = self._reply_for(turn_id)
-            if reply is not None:
-                self._reply_text[turn_id].append(str(m.get("text", "")))
-                self.speaker.push_text(reply, str(m.get("text", "")))
-        elif kind == msg.TEXT_END:
-            turn_id = int(m["turn_id"])
-            reply = self._replies.get(turn_id)
-            if reply is not None and not reply.cancelled:
-                self.speaker.end_text(reply)
-                self._emit(ev.AgentReply(turn_id, "".join(self._reply_text[turn_id]).strip()))
-        elif kind == msg.SAY:
-            self._say(str(m["text"]), interruptible=bool(m.get("interruptible", True)))
-        elif kind == msg.END_CALL:
-            self._end_after_speech = str(m.get("reason") or "agent_ended")
-        elif kind == msg.TRANSFER:
-            await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
-        elif kind == msg.INTERRUPT:
-            self.barge.take()
-            cut = self.speaker.cancel_all()
-            self.speaker.paused = False
-            if cut:
-                self._emit(ev.Clear())
-            for reply in cut:
-                self._finish_reply(reply, interrupted=True)
-        elif kind == msg.RECORDING_PAUSE and self.recorder:
-            self.recorder.pause()
-        elif kind == msg.RECORDING_RESUME and self.recorder:
-            self.recorder.resume()
-        else:
-            await self._to_agent({"type": msg.ERROR, "code": "unsupported",
-                                  "message": f"message type {kind!r} is not supported here"})
+        match m.get("type"):
+            case msg.TEXT_DELTA:
+                self._on_text_delta(int(m["turn_id"]), str(m.get("text", "")))
+            case msg.TEXT_END:
+                self._on_text_end(int(m["turn_id"]))
+            case msg.SAY:
+                self._say(str(m["text"]), interruptible=bool(m.get("interruptible", True)))
+            case msg.END_CALL:
+                self._end_after_speech = str(m.get("reason") or "agent_ended")
+            case msg.TRANSFER:
+                await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
+            case msg.INTERRUPT:
+                self._on_interrupt()
+            case msg.RECORDING_PAUSE if self.recorder:
+                self.recorder.pause()
+            case msg.RECORDING_RESUME if self.recorder:
+                self.recorder.resume()
+            case kind:  # also recording control when this session does not record
+                await self._to_agent({"type": msg.ERROR, "code": "unsupported",
+                                      "message": f"message type {kind!r} is not supported here"})
 
-    def _reply_for(self, turn_id: int) -> Reply | None:
-        reply = self._replies.get(turn_id)
-        if reply is None:
-            if turn_id not in self._answering:  # stale: already cut by barge-in, or never asked
-                return None
-            reply = self.speaker.begin(turn_id)
-            self._replies[turn_id] = reply
-            self._reply_text[turn_id] = []
-        return None if reply.cancelled else reply
+    def _on_text_delta(self, turn_id: int, text: str) -> None:
+        handle = self._reply_for(turn_id)
+        if handle is not None and handle.audio is not None:
+            handle.add_text(text)
+            self.speaker.push_text(handle.audio, text)
+
+    def _on_text_end(self, turn_id: int) -> None:
+        handle = self._replies.get(turn_id)
+        if handle is not None and handle.audio is not None and not handle.audio.cancelled:
+            self.speaker.end_text(handle.audio)
+            self._emit(ev.AgentReply(turn_id, handle.text))
+
+    def _on_interrupt(self) -> None:
+        """The agent cuts its own speech: no barge-in, nothing counted."""
+        self.barge.take()
+        cut = self.speaker.cancel_all()
+        self.speaker.paused = False
+        if cut:
+            self._emit(ev.Clear())
+        for reply in cut:
+            self._finish_reply(reply, interrupted=True)
+
+    def _reply_for(self, turn_id: int) -> ReplyHandle | None:
+        handle = self._replies.get(turn_id)
+        if handle is None:  # stale: already cut by barge-in, or never asked
+            return None
+        if handle.audio is None:
+            handle.audio = self.speaker.begin(turn_id)
+        return None if handle.audio.cancelled else handle
 
     def _say(self, text: str, interruptible: bool = True) -> None:
         self._say_ids -= 1
-        reply = self.speaker.say(text, self._say_ids, interruptible)
-        self._replies[self._say_ids] = reply
-        self._reply_text[self._say_ids] = [text]
+        self._replies.say(self._say_ids, self.speaker.say(text, self._say_ids, interruptible), text)
         self._emit(ev.AgentReply(self._say_ids, text))
 
     async def _transfer(self, target: str, mode: str) -> None:
@@ -684,7 +676,8 @@ class PipelineSession:
                 reply.started_at = p.wall
                 reply.first_frame_pos = pos
                 self._emit(ev.AgentSpeechStarted(reply.turn_id, pos * 1000 // PROCESS_RATE))
-                turn = self._answering.get(reply.turn_id)
+                handle = self._replies.get(reply.turn_id)
+                turn = handle.user if handle is not None else None
                 if turn is not None:
                     latency = (p.wall - turn.end_wall) * 1000
                     self.metrics["response_ms"].append(latency)
@@ -711,11 +704,12 @@ class PipelineSession:
             return
         reply.finished = True
         self.speaker.forget(reply)
-        self._answering.pop(reply.turn_id, None)
-        self._replies.pop(reply.turn_id, None)
-        text = "".join(self._reply_text.pop(reply.turn_id, [])).strip() or reply.text
+        handle = self._replies.close(reply.turn_id)
+        text = (handle.text if handle is not None else "") or reply.text
         if heard is None:
             heard = reply.heard_text() if interrupted else text
+        if handle is not None:
+            handle.finish(interrupted=interrupted, heard=heard)
         start = (reply.first_frame_pos or self._clock) * 1000 // PROCESS_RATE
         end = (reply.last_frame_pos or self._clock) * 1000 // PROCESS_RATE
         if not text:
