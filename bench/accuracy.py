@@ -384,8 +384,8 @@ async def run_web(leg: Leg, utterances: Sequence[realspeech.Utterance], engines:
 
 def _pipe_config(agent_id: str, vad_threshold: float | None, **extra: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {"agent_id": agent_id, **extra}
-    if vad_threshold is not None:
-        cfg["vad"] = {"threshold": vad_threshold}
+    if vad_threshold is not None:  # on every leg: 8 kHz legs start at vad.narrowband_threshold
+        cfg["vad"] = {"threshold": vad_threshold, "narrowband_threshold": vad_threshold}
     return cfg
 
 
@@ -660,7 +660,8 @@ async def main_async(args: argparse.Namespace) -> None:
     engine = get_stt_engine(config.stt.engine, config.stt.model, config.stt.language)
     print(f"Speech Pipe accuracy on real speech · {len(utterances)} prompts · {os.cpu_count()} cores · "
           f"{config.stt.engine} {config.stt.model or 'default model'} · VAD {config.vad.engine} "
-          f"t={args.vad_threshold or config.vad.threshold} · pace {args.pace}", flush=True)
+          f"t={args.vad_threshold or config.vad.threshold} (8 kHz legs "
+          f"{args.vad_threshold or config.vad.narrowband_threshold}) · pace {args.pace}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench-accuracy-"))
     t0 = time.monotonic()
     try:
@@ -692,7 +693,8 @@ def main() -> None:
                    help="how in-process sessions are fed (SIP legs are always real time)")
     p.add_argument("--sip-every", type=int, default=2,
                    help="SIP legs (real time) play every Nth of the prompts (1: all; ~4 min per leg for 40)")
-    p.add_argument("--vad-threshold", type=float, default=None, help="the pipes' vad.threshold")
+    p.add_argument("--vad-threshold", type=float, default=None,
+                   help="the pipes' vad.threshold and vad.narrowband_threshold (default: 0.5 and 0.3)")
     p.add_argument("--details", type=int, default=6, help="worst prompts listed per leg")
     p.add_argument("--no-vad", action="store_true", help="skip the VAD frame table")
     p.add_argument("--keep", action="store_true", help="keep the run's folder")

@@ -180,9 +180,12 @@ def test_reset_forgets_the_stream(make) -> None:
 def test_make_vad_follows_config() -> None:
     webrtc = make_vad(VADConfig(engine="webrtc", aggressiveness=3))
     assert isinstance(webrtc, WebRtcVAD) and webrtc.aggressiveness == 3
-    silero = make_vad(VADConfig(engine="silero", threshold=0.7), 8000)
-    assert isinstance(silero, SileroVAD) and silero.threshold == 0.7 and silero.rate == 8000
+    silero = make_vad(VADConfig(engine="silero", threshold=0.7), 16000)
+    assert isinstance(silero, SileroVAD) and silero.threshold == 0.7 and silero.rate == 16000
     assert silero.neg_threshold == pytest.approx(0.55)
+    narrow = make_vad(VADConfig(threshold=0.7), 8000)  # 8 kHz legs start at their own, measured threshold
+    assert narrow.rate == 8000 and narrow.threshold == 0.3 and narrow.neg_threshold == pytest.approx(0.15)
+    assert make_vad(VADConfig(narrowband_threshold=0.45, neg_threshold=0.4), 8000).neg_threshold == 0.4
     assert make_vad(VADConfig(threshold=0.6, neg_threshold=0.4)).neg_threshold == 0.4
     with pytest.raises(ValueError):
         VADConfig(threshold=0.4, neg_threshold=0.6)
