@@ -116,7 +116,8 @@ def telephone(u: Utterance) -> np.ndarray:
     """8 kHz int16 as a PCMU call carries it: sox band-pass 300-3400 Hz and resampling, then μ-law."""
     raw = wideband(u).astype("<i2").tobytes()
     fmt = ["-t", "raw", "-e", "signed-integer", "-b", "16", "-c", "1"]
-    argv = ["sox", *fmt, "-r", "16000", "-", *fmt, "-r", "8000", "-",
+    # -D: no dither. sox dithers 16-bit output with a random seed, so each process heard other audio.
+    argv = ["sox", "-D", *fmt, "-r", "16000", "-", *fmt, "-r", "8000", "-",
             "sinc", "300-3400", "rate", "-v", "8000"]
     pcm = np.frombuffer(subprocess.run(argv, input=raw, capture_output=True, check=True).stdout, "<i2")
     out = ulaw_decode(ulaw_encode(pcm.astype(np.int16)))
