@@ -4,10 +4,12 @@ Transports create a `PipelineSession`, push input audio with `push_audio()` (any
 session's input rate) and pull 20 ms output frames with `pull_frame()` at their own clock. Nothing here
 knows SIP or HTTP: a transport names its `direction` and optional hooks (transfer, hang-up).
 
-Per input frame (20 ms at 16 kHz, on the event loop): record → VAD → endpointing → STT feed. STT work runs
-in the shared executor, serialised per session; Whisper decodes speculatively when a pause begins and the
-endpoint reuses that result when no speech came in between. Barge-in pauses agent audio at speech onset,
-confirms with words, then cuts (or resumes on noise and backchannels).
+Per input frame (20 ms at 16 kHz, on the event loop): record → VAD → endpointing → STT feed. The session
+owns the call's lifecycle and acts; its parts decide and keep books: `STTLane` runs every STT call in order
+in the shared executor (Whisper decodes speculatively when a pause begins and the endpoint reuses that
+result when no speech came in between), `BargeIn` decides when speech over the agent pauses, cuts or
+resumes it, `Replies` holds one `ReplyHandle` per agent reply, and `Speaker` turns the agent's text into
+the frames the transport pulls.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .reply import Replies, ReplyHandle, UserTurn
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .stt_lane import STTLane
-from .tts import EspeakTTS
+from .tts import EspeakTTS, TTSEngine
 from .turns import Signal, State, TurnDetector, looks_unfinished
 from .vad import make_vad, vad_rate
 
@@ -55,7 +57,7 @@ class Engines:
     """Process-wide engines: models load once and every session shares them."""
 
     def __init__(self, stt_threads: int | None = None) -> None:
-        self.tts = EspeakTTS()
+        self.tts: TTSEngine = EspeakTTS()
         self.executor = ThreadPoolExecutor(max_workers=stt_threads or os.cpu_count() or 2,
                                            thread_name_prefix="stt")
 

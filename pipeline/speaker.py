@@ -20,7 +20,7 @@ import numpy as np
 from .audio import FrameChunker, Resampler
 from .config import TTSConfig
 from .text import SentenceSplitter
-from .tts import EspeakTTS
+from .tts import TTSEngine
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class Sentence:
 
 @dataclass
 class Reply:
-    """One agent turn: everything the agent says in answer to one user turn (or one `say`)."""
+    """One agent turn's audio: everything the agent says in answer to one user turn (or one `say`).
+    The session's books on it (text as sent, the turn it answers, cuts) wrap it: `reply.ReplyHandle`."""
 
     turn_id: int
     interruptible: bool = True
@@ -91,7 +92,7 @@ class Played:
 
 
 class Speaker:
-    def __init__(self, tts: EspeakTTS, config: TTSConfig, output_rate: int,
+    def __init__(self, tts: TTSEngine, config: TTSConfig, output_rate: int,
                  max_buffered_s: float = 2.0) -> None:
         self._tts = tts
         self.config = config

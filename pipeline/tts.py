@@ -1,4 +1,5 @@
-"""Streaming text-to-speech with espeak-ng: one short-lived `espeak-ng --stdout` process per utterance.
+"""Streaming text-to-speech: the `TTSEngine` contract the speaker depends on, and `EspeakTTS`, espeak-ng
+with one short-lived `espeak-ng --stdout` process per utterance.
 
 `EspeakTTS.stream()` yields PCM16 chunks (mono, 22050 Hz, espeak-ng's native rate, checked against the
 WAV header of every stream) while espeak-ng is still synthesising. The text goes in on stdin, never on
@@ -31,7 +32,8 @@ import re
 import struct
 import subprocess
 import unicodedata
-from collections.abc import AsyncIterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
 
 import numpy as np
 
@@ -113,7 +115,20 @@ def _parse_wav_header(data: bytes) -> tuple[int, int] | None:
         pos += 8 + size + (size & 1)
 
 
-class EspeakTTS:
+class TTSEngine(ABC):
+    """A streaming TTS engine, loaded once per process and shared by every session (like `STTEngine`)."""
+
+    name: str
+    sample_rate: int  # of the PCM16 mono chunks `stream()` yields
+
+    @abstractmethod
+    def stream(self, text: str, *, voice: str = "en-us", rate_wpm: int = 175, pitch: int = 50
+               ) -> AsyncGenerator[np.ndarray, None]:
+        """Speak `text`: an async generator of int16 chunks as they are made. Closing it (`aclose()`) or
+        cancelling its consumer stops the synthesis at once; text with nothing to say yields nothing."""
+
+
+class EspeakTTS(TTSEngine):
     """espeak-ng as a streaming TTS engine. Stateless: one instance serves every session."""
 
     name = "espeak-ng"
@@ -127,7 +142,7 @@ class EspeakTTS:
         installed_voices()  # list the voices now (one blocking call), not inside the first stream()
 
     async def stream(self, text: str, *, voice: str = "en-us", rate_wpm: int = 175, pitch: int = 50
-                     ) -> AsyncIterator[np.ndarray]:
+                     ) -> AsyncGenerator[np.ndarray, None]:
         """Speak `text`: yields int16 arrays of chunk_ms (the last may be shorter) as espeak-ng makes them.
 
         Yields nothing for text with nothing to say. Raises ValueError for bad settings, TTSError if
