@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 # The message names are the agent channel's wire vocabulary, defined once in its protocol module.
-from speechpipe.runner.protocol import (
+from speechpipe.protocol import (
     AGENT_SPEECH_DONE,
     CALL_ENDED,
     CALL_STARTED,

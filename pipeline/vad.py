@@ -34,7 +34,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 import webrtcvad
 
-from speechpipe.pipeline.config import VADConfig
+from speechpipe.pipe_config import VADConfig
 
 RATES = (8000, 16000)  # the rates both engines run at natively
 RATE = 16000

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from . import protocol as p
+from speechpipe import protocol as p
 
 log = logging.getLogger(__name__)
 

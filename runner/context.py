@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import protocol as p
+from speechpipe import protocol as p
 
 if TYPE_CHECKING:
     from .dialog import DialogMachine, DialogReply

@@ -33,8 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from speechpipe import logs
+from speechpipe import protocol as p
 
-from . import protocol as p
 from .bridge import SDK, BridgeClient, BridgeFailed
 from .context import CallContext, Session
 

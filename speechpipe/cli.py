@@ -179,7 +179,7 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
 
 
 def _default_pipe_config() -> Any:
-    from speechpipe.pipeline.config import PipeConfig
+    from speechpipe.pipe_config import PipeConfig
 
     return PipeConfig(agent_id="warmup")
 

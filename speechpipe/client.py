@@ -4,7 +4,7 @@
         token = await client.sessions.create_token(pipe_id=pipe.id, metadata={"user_id": "u1"})
         token.token, token.expires_at                          # single-use, expires in 60 s
 
-Responses parse into the API's own pydantic models (`speechpipe.websocket_edge.openapi`); errors raise
+Responses parse into the API's own pydantic models (`speechpipe.api_models`); errors raise
 `speechpipe.errors` exceptions that carry the API's `code` and HTTP `status`.
 """
 
@@ -23,9 +23,7 @@ from urllib.parse import quote
 import aiohttp
 import pydantic
 
-from speechpipe.errors import APIConnectionError, APITimeoutError, SpeechPipeError, error_from_code
-from speechpipe.pipeline.config import PipeConfig
-from speechpipe.websocket_edge.openapi import (
+from speechpipe.api_models import (
     Health,
     Pipe,
     PipeList,
@@ -34,6 +32,8 @@ from speechpipe.websocket_edge.openapi import (
     SessionToken,
     Transcript,
 )
+from speechpipe.errors import APIConnectionError, APITimeoutError, SpeechPipeError, error_from_code
+from speechpipe.pipe_config import PipeConfig
 
 DEFAULT_URL = "http://127.0.0.1:8780"
 M = TypeVar("M", bound=pydantic.BaseModel)

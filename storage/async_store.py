@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
-from speechpipe.pipeline.config import PipeConfig
+from speechpipe.pipe_config import PipeConfig
 from speechpipe.storage.records import (
     ApiKey,
     MintedToken,

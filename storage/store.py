@@ -30,7 +30,7 @@ from speechpipe.errors import (
     TokenError,
     ValidationError,
 )
-from speechpipe.pipeline.config import PipeConfig
+from speechpipe.pipe_config import PipeConfig
 from speechpipe.storage import credentials as cred
 from speechpipe.storage.engine import display_url, make_engine, normalize_url
 from speechpipe.storage.migrate import upgrade as run_upgrade

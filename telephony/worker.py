@@ -38,8 +38,8 @@ import numpy as np
 
 from speechpipe import logs
 from speechpipe.errors import NotFoundError
+from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
-from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.recorder import repair_wav
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.settings import Settings

@@ -2,7 +2,7 @@
 
 A `Bridge` belongs to one job (one runner, one call token). It outlives its WebSocket: frames to the runner
 are numbered and kept until acknowledged, so when the runner redials with the same token after a drop,
-`attach()` replays what it missed, and the runner replays what we missed (see `runner.protocol.Outbox`).
+`attach()` replays what it missed, and the runner replays what we missed (see `speechpipe.protocol.Outbox`).
 A `BridgeLink` is what `PipelineSession` holds. It normally wraps one bridge for the whole call; when the
 agent sends `agent.dispatch`, the hub finds a runner of the other agent_id and the link swaps bridges, so
 the session never learns that its agent changed (it sees the new agent's frames on the same link).
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from speechpipe import logs
+from speechpipe import protocol as p
 from speechpipe.pipeline.agent import AgentGone, AgentLink
-from speechpipe.runner import protocol as p
 
 if TYPE_CHECKING:
     from .dispatch import AgentHub, Job

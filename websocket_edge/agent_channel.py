@@ -2,7 +2,7 @@
 
 `setup_agent_channel(app, hub)` adds `GET /v1/agents/connect` (API key in `Authorization: Bearer`; runner
 registration, heartbeats, job offers) and `GET /v1/agents/bridge/{session_id}` (call token in the first
-frame, `hello`). Every frame is validated by `speechpipe.runner.protocol`; a bad one gets an `error` frame
+frame, `hello`). Every frame is validated by `speechpipe.protocol`; a bad one gets an `error` frame
 (code + message) and the socket goes on, up to the hub's error budget. Nothing a peer sends can raise out
 of a handler. The registry and dispatch logic live in `dispatch.AgentHub`; the bridge in `agent_bridge`.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from speechpipe import protocol as p
 from speechpipe.errors import SpeechPipeError
-from speechpipe.runner import protocol as p
 
 from .agent_bridge import Bridge, _close, _send
 from .dispatch import AgentHub, NoAgentAvailable, RunnerConn

@@ -24,9 +24,9 @@ from aiohttp import WSMsgType, web
 
 from speechpipe import logs
 from speechpipe.errors import WS_CLOSE_CODE_BY_CODE, Code, SpeechPipeError
+from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
-from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.websocket_edge.app import SETTINGS_KEY, STORE_KEY
 from speechpipe.websocket_edge.metrics import count_dispatch_failure, observe

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from speechpipe import protocol as p
 from speechpipe.errors import AuthenticationError, Code
-from speechpipe.runner import protocol as p
 
 from .agent_bridge import Bridge, BridgeLink, _close, _send
 
