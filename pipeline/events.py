@@ -124,3 +124,7 @@ class Error(Event):
     type: ClassVar[str] = "error"
     code: str
     message: str
+
+
+# The events /metrics counts; a media worker forwards exactly these to serve (telephony.relay_client).
+METERED = (SessionStarted, UserTurn, UserNonTurn, AgentSpeechDone, BargeIn, Metric, SessionEnded)

@@ -146,7 +146,7 @@ async def _serve(app: Any, settings: Settings, store: Store, demo: DemoInfo | No
             from speechpipe.telephony.supervisor import SipSupervisor
 
             sip = SipSupervisor.from_settings(
-                settings, agent_factory="speechpipe.websocket_edge.agent_relay:relay_agent",
+                settings, agent_factory="speechpipe.telephony.relay_client:relay_agent",
                 env={"SPEECHPIPE_INTERNAL_URL": base, "SPEECHPIPE_INTERNAL_SECRET": internal_secret})
             app[SIP_HEALTH_KEY] = sip.health
             await sip.start(wait_ready_s=None)  # workers load their models in the background

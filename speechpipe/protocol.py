@@ -70,6 +70,10 @@ PLATFORM_EVENTS: Final = (CALL_STARTED, USER_PARTIAL, USER_TEXT, USER_INTERRUPTE
 AGENT_VERBS: Final = (TEXT_DELTA, TEXT_END, SAY, INTERRUPT, TRANSFER, END_CALL, DISPATCH, RECORDING_PAUSE,
                       RECORDING_RESUME)
 
+# The internal relay: serve's own SIP media workers dial this path (with serve's internal secret) to reach
+# the agent hub and /metrics for their sessions. Not for runners.
+RELAY_PATH: Final = "/v1/internal/agents/relay"
+
 # job.ack rejection reasons
 REJECT_AT_CAPACITY = "at_capacity"
 REJECT_AGENT_MISMATCH = "agent_id_mismatch"

@@ -45,11 +45,11 @@ from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.settings import Settings
 from speechpipe.storage import AsyncStore, Store
 from speechpipe.storage.records import Pipe
-from speechpipe.websocket_edge.metrics import TelemetryForwarder
 
 from .config import SipConfig
 from .endpoint import IncomingCall, MediaUp, SipEndpoint
 from .media import FrameBridge, LoopInbox
+from .relay_client import TelemetryForwarder
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,14 @@ from speechpipe.pipeline.agent import CallbackAgent, echo_reply
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.realtime import RealtimeLine
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
+from speechpipe.protocol import RELAY_PATH
 from speechpipe.settings import Settings
 from speechpipe.storage import AsyncStore, Store
+from speechpipe.telephony.relay_client import RelayAgentLink, TelemetryForwarder
 from speechpipe.telephony.supervisor import SipSupervisor
-from speechpipe.websocket_edge.agent_relay import RELAY_PATH, RelayAgentLink, setup_agent_relay
+from speechpipe.websocket_edge.agent_relay import setup_agent_relay
 from speechpipe.websocket_edge.app import SIP_HEALTH_KEY, create_app
 from speechpipe.websocket_edge.client_ws import CLIENT_EDGE_KEY
-from speechpipe.websocket_edge.metrics import TelemetryForwarder
 
 from .fixtures_db import serve_in_thread
 from .fixtures_web import WebServer, example_agents, web_route_groups

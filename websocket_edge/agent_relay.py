@@ -7,7 +7,8 @@ through this process. Either side closing ends the other: a lost runner becomes 
 worker (its caller hears the apology), a lost worker ends the runner's call.
 
 A socket whose first frame is `{"type": "telemetry"}` instead carries a worker's session events for
-/metrics (see `metrics.TelemetryForwarder`); nothing of it reaches a runner.
+/metrics (see `metrics.relay_telemetry`); nothing of it reaches a runner. The workers' end of both is
+`telephony.relay_client`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from speechpipe import logs
-from speechpipe.pipeline.agent import AgentGone, AgentLink
+from speechpipe.pipeline.agent import AgentGone
+from speechpipe.protocol import RELAY_PATH
 
 from .agent_channel import HUB_KEY
 from .dispatch import NoAgentAvailable
@@ -30,7 +32,6 @@ from .metrics import count_dispatch_failure, relay_telemetry
 
 log = logging.getLogger(__name__)
 
-RELAY_PATH = "/v1/internal/agents/relay"
 SECRET_KEY = web.AppKey("speechpipe.internal_secret", str)
 
 
@@ -118,68 +119,3 @@ async def relay_socket(request: web.Request) -> web.StreamResponse:
             await link.close("worker_gone" if not ws.closed else "session_ended")
         await ws.close()
     return ws
-
-
-class RelayAgentLink(AgentLink):
-    """The worker's side: an AgentLink whose other end is the hub in the serve process."""
-
-    def __init__(self, ws: Any, http: Any) -> None:
-        self._ws = ws
-        self._http = http
-
-    @classmethod
-    async def open(cls, url: str, secret: str, session: Any) -> RelayAgentLink | None:
-        """Dispatch `session` through the serve process at `url`; None when no agent takes it."""
-        import aiohttp
-
-        http = aiohttp.ClientSession()
-        try:
-            ws = await http.ws_connect(url.rstrip("/") + RELAY_PATH, heartbeat=15,
-                                       headers={"Authorization": f"Bearer {secret}"})
-            info = session.info
-            await ws.send_json({"type": "dispatch", "session_id": session.session_id, "pipe_id": info.pipe_id,
-                                "agent_id": info.agent_id, "direction": info.direction, "caller": info.caller,
-                                "caller_name": info.caller_name, "metadata": info.metadata})
-            answer = await ws.receive_json(timeout=30)
-        except Exception:
-            await http.close()
-            log.exception("relay: cannot reach the agent hub at %s", url)
-            return None
-        if answer.get("type") != "dispatched":
-            log.warning("relay: no agent for session %s: %s", session.session_id, answer.get("reason"))
-            await ws.close()
-            await http.close()
-            return None
-        return cls(ws, http)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        if self._ws.closed:
-            raise AgentGone("relay closed")
-        try:
-            await self._ws.send_json({"type": "platform", "message": message})
-        except ConnectionError as exc:
-            raise AgentGone(f"relay lost: {exc}") from exc
-
-    async def recv(self) -> dict[str, Any]:
-        msg = await self._ws.receive()
-        if msg.type is not WSMsgType.TEXT:
-            raise AgentGone("relay closed")
-        frame = msg.json()
-        if frame.get("type") == "agent":
-            return frame["message"]
-        raise AgentGone(str(frame.get("reason") or frame.get("type")))
-
-    async def close(self, reason: str) -> None:
-        await self._ws.close()
-        await self._http.close()
-
-
-async def relay_agent(session: Any) -> AgentLink | None:
-    """Agent factory for the SIP workers (`SPEECHPIPE_SIP_AGENT_FACTORY`): dispatch through serve's hub."""
-    import os
-
-    url, secret = os.environ.get("SPEECHPIPE_INTERNAL_URL"), os.environ.get("SPEECHPIPE_INTERNAL_SECRET")
-    if not url or not secret:
-        log.error("relay: SPEECHPIPE_INTERNAL_URL/SECRET not set; this worker was not started by serve")
-        return None
-    return await RelayAgentLink.open(url, secret, session)

@@ -5,11 +5,12 @@ process-global one: one test process builds many apps) and mounts `GET /metrics`
 0.0.4, or OpenMetrics when the scraper asks for it).
 
 Sessions are counted from their typed events: the web edge calls `observe(app, session)` for each session
-it creates. SIP sessions live in the media worker processes: there a `TelemetryForwarder` sends the same
-events over the agent relay socket (`{"type": "telemetry", "session_id", "direction", "event"}` frames on a
-socket whose first frame is `{"type": "telemetry"}`), and `relay_telemetry` in serve feeds them to the
-same `Telemetry`. A worker's sessions still live when its socket drops (it died) end as `worker_crashed`,
-which is also what the restarted worker writes to SQL for them.
+it creates. SIP sessions live in the media worker processes: there a `TelemetryForwarder`
+(`telephony.relay_client`) sends the same events over the agent relay socket (`{"type": "telemetry",
+"session_id", "direction", "event"}` frames on a socket whose first frame is `{"type": "telemetry"}`), and
+`relay_telemetry` in serve feeds them to the same `Telemetry`. A worker's sessions still live when its
+socket drops (it died) end as `worker_crashed`, which is also what the restarted worker writes to SQL for
+them.
 
 What other parts already count is read at scrape time (`_StateCollector`): the AgentHub's counters and
 runner stats, the client edge's close reasons, the SIP supervisor's health.
@@ -17,12 +18,9 @@ runner stats, the client edge's close reasons, the SIP supervisor's health.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -47,8 +45,7 @@ log = logging.getLogger(__name__)
 METRICS_PATH = "/metrics"
 DIRECTIONS = ("web", "inbound_phone")
 # The events /metrics counts; the only ones a worker forwards.
-COUNTED = (ev.SessionStarted, ev.UserTurn, ev.UserNonTurn, ev.AgentSpeechDone, ev.BargeIn, ev.Metric,
-           ev.SessionEnded)
+COUNTED = ev.METERED
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 FAST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 # Close names only admission gives (credentials, origin, capacity): a refused connection, not a session.
@@ -360,93 +357,3 @@ async def relay_telemetry(request: web.Request, ws: web.WebSocketResponse) -> we
             telemetry.source_lost(source)
         await ws.close()
     return ws
-
-
-class TelemetryForwarder:
-    """Worker side: the counted events of this process's sessions, sent to serve in order over one
-    relay socket (redialled when it drops). Frames wait in a bounded queue while serve is unreachable."""
-
-    def __init__(self, url: str, secret: str, *, max_queued: int = 10_000, retry_s: float = 1.0) -> None:
-        self.url = url.rstrip("/")
-        self.secret = secret
-        self.retry_s = retry_s
-        self._queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_queued)
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_env(cls) -> TelemetryForwarder | None:
-        """The forwarder when this worker was started by `serve` (which sets the internal URL/secret)."""
-        url, secret = os.environ.get("SPEECHPIPE_INTERNAL_URL"), os.environ.get("SPEECHPIPE_INTERNAL_SECRET")
-        return cls(url, secret) if url and secret else None
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def observe(self, session: Any) -> None:
-        """Forward `session`'s counted events: subscribe before `session.start()`, on the loop."""
-        direction = session.info.direction
-
-        def listener(event: ev.Event) -> None:
-            if isinstance(event, COUNTED):
-                self._queue.append({"type": "telemetry", "session_id": session.session_id,
-                                    "direction": direction, "event": event.to_json()})
-                self._drained.clear()
-                self._wake.set()
-                if self._task is None or self._task.done():
-                    self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry")
-
-        session.subscribe(listener)
-
-    async def _run(self) -> None:
-        import aiohttp
-
-        from .agent_relay import RELAY_PATH
-
-        async with aiohttp.ClientSession() as http:
-            while True:
-                try:
-                    async with http.ws_connect(self.url + RELAY_PATH,
-                                               headers={"Authorization": f"Bearer {self.secret}"}) as ws:
-                        await ws.send_json({"type": "telemetry"})
-                        await self._pump(ws)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # serve restarting, or gone: keep the events, dial again
-                    log.warning("telemetry: no socket to serve (%s: %s); %d events wait", type(exc).__name__,
-                                exc, len(self._queue))
-                await asyncio.sleep(self.retry_s)
-
-    async def _pump(self, ws: Any) -> None:
-        # Reading answers serve's pings and notices its close; sending waits for events.
-        reader = asyncio.ensure_future(ws.receive())
-        try:
-            while not reader.done():
-                while self._queue and not ws.closed:
-                    await ws.send_json(self._queue[0])
-                    self._queue.popleft()  # only once sent: a dropped socket loses nothing queued
-                if not self._queue:
-                    self._drained.set()
-                self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
-                if reader.done() and reader.result().type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    reader = asyncio.ensure_future(ws.receive())  # serve says nothing; ignore it
-        finally:
-            reader.cancel()
-
-    async def close(self, timeout_s: float = 2.0) -> None:
-        """Send what is queued (for up to `timeout_s`), then stop."""
-        if self._task is None:
-            return
-        if self._queue:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), timeout_s)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-
