@@ -95,7 +95,7 @@ def test_pipes_create_list(tmp_path: Path) -> None:
 def test_db_upgrade_on_an_empty_database(db_factory: DbFactory, tmp_path: Path) -> None:
     url = db_factory.new_url()
     out = run(tmp_path, "--database-url", url, "db", "upgrade")
-    assert "schema revision 0001" in out.stdout
+    assert "schema revision 0002" in out.stdout
     store = Store(url)
     try:
         assert store.list_api_keys() == [] and store.list_pipes().items == []
