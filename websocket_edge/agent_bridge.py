@@ -11,11 +11,12 @@ the session never learns that its agent changed (it sees the new agent's frames 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -23,10 +24,44 @@ from speechpipe import logs
 from speechpipe import protocol as p
 from speechpipe.pipeline.agent import AgentGone, AgentLink
 
-if TYPE_CHECKING:
-    from .dispatch import AgentHub, Job
-
 log = logging.getLogger(__name__)
+
+
+class NoAgentAvailable(Exception):
+    """No runner took the session. `reason` is recorded as the session's end reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Runner(Protocol):
+    runner_id: str
+    alive: bool
+
+
+class Job(Protocol):
+    """What a bridge needs of its job (`dispatch.Job`)."""
+
+    job_id: str
+    session_id: str
+    agent_id: str
+    runner: Runner
+
+
+class Hub(Protocol):
+    """What bridges and links need of the hub that made them (`dispatch.Hub`)."""
+
+    bridge_grace_s: float
+    orphan_grace_s: float
+    verbs: Collection[str]
+    counters: collections.Counter[str]
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def release(self, job: Any, reason: str) -> None: ...
+
+    async def offer(self, session: Any, agent_id: str, within_s: float | None = None) -> Bridge: ...
 
 ALWAYS_SENT = frozenset({p.CALL_STARTED, p.CALL_ENDED, p.ERROR})
 _PER_TURN = frozenset({p.USER_INTERRUPTED, p.AGENT_SPEECH_DONE, p.METRIC})
@@ -34,7 +69,7 @@ _GONE = object()
 
 
 class Bridge:
-    def __init__(self, hub: AgentHub, job: Job) -> None:
+    def __init__(self, hub: Hub, job: Job) -> None:
         self.hub = hub
         self.job = job
         self.ws: web.WebSocketResponse | None = None
@@ -71,18 +106,19 @@ class Bridge:
         async with self.lock:
             replay = self.outbox.replay_after(int(hello.get("last_seq") or 0))
             if replay is None:
-                await _send(ws, p.error_frame(p.Codes.RESUME_FAILED, "too many frames were missed to resume"))
+                await send_frame(ws, p.error_frame(p.Codes.RESUME_FAILED,
+                                                   "too many frames were missed to resume"))
                 return False
             old, self.ws = self.ws, None
             if old is not None and not old.closed:
-                self.hub.spawn(_close(old, p.CLOSE_REPLACED, "replaced by a newer bridge socket"))
+                self.hub.spawn(close_socket(old, p.CLOSE_REPLACED, "replaced by a newer bridge socket"))
             if "events" in hello:
                 self.events = frozenset(p.names(hello["events"])) | ALWAYS_SENT
             ack = {"type": p.HELLO_ACK, "protocol": p.PROTOCOL_VERSION, "session_id": self.session_id,
                    "resumed": self.hellos > 0, "last_seq": self.inbox.last_seq,
                    "events": list(p.PLATFORM_EVENTS), "verbs": list(self.hub.verbs)}
             for frame in [ack, *replay]:
-                if not await _send(ws, frame):
+                if not await send_frame(ws, frame):
                     return False
             self.inbox.sent_ack()
             if self.hellos:
@@ -107,7 +143,7 @@ class Bridge:
             return
         self.ws = None
         if not ws.closed:  # a send failed on a socket that looks open: end it, the runner redials
-            self.hub.spawn(_close(ws, p.CLOSE_GOING_AWAY, "send failed"))
+            self.hub.spawn(close_socket(ws, p.CLOSE_GOING_AWAY, "send failed"))
         if self.over:
             return
         self.detached_at = time.monotonic()
@@ -162,7 +198,7 @@ class Bridge:
             if ws is not None:
                 self.hub.counters["frames_out"] += 1
                 self.inbox.sent_ack()
-                if not await _send(ws, {**frame, "ack": self.inbox.last_seq}):
+                if not await send_frame(ws, {**frame, "ack": self.inbox.last_seq}):
                     self.detach(ws)  # kept in the outbox: a redial replays it
 
     async def send_control(self, frame: dict[str, Any]) -> None:
@@ -170,7 +206,7 @@ class Bridge:
         ws = self.ws
         if ws is not None:
             self.inbox.sent_ack()
-            await _send(ws, {**frame, "ack": self.inbox.last_seq})
+            await send_frame(ws, {**frame, "ack": self.inbox.last_seq})
 
     def fail(self, reason: str) -> None:
         """The runner is gone for this call (no redial in time, runner dead): the session must know."""
@@ -207,14 +243,14 @@ class Bridge:
             self._grace = None
         ws, self.ws = self.ws, None
         if ws is not None and not ws.closed:
-            self.hub.spawn(_close(ws, code, reason))
+            self.hub.spawn(close_socket(ws, code, reason))
         self.hub.release(self.job, reason)
 
 
 class BridgeLink(AgentLink):
     """The session's agent: frames go to the current bridge; `agent.dispatch` swaps bridges in place."""
 
-    def __init__(self, hub: AgentHub, session: Any, bridge: Bridge) -> None:
+    def __init__(self, hub: Hub, session: Any, bridge: Bridge) -> None:
         self.hub = hub
         self.session = session
         self.bridge = bridge
@@ -277,8 +313,6 @@ class BridgeLink(AgentLink):
         self._handoff = asyncio.get_running_loop().create_task(self._hand_to(agent_id, data))
 
     async def _hand_to(self, agent_id: str, data: dict[str, Any] | None) -> None:
-        from .dispatch import NoAgentAvailable
-
         old = self.bridge
         try:
             new = await self.hub.offer(self.session, agent_id)
@@ -321,7 +355,8 @@ class BridgeLink(AgentLink):
 SEND_TIMEOUT_S = 10.0  # a peer that reads nothing for this long is treated as gone (no lock held forever)
 
 
-async def _send(ws: web.WebSocketResponse, frame: dict[str, Any]) -> bool:
+async def send_frame(ws: web.WebSocketResponse, frame: dict[str, Any]) -> bool:
+    """Send one frame; False when the socket is gone (never raises)."""
     try:
         await asyncio.wait_for(ws.send_str(p.encode(frame)), SEND_TIMEOUT_S)
         return True
@@ -329,6 +364,7 @@ async def _send(ws: web.WebSocketResponse, frame: dict[str, Any]) -> bool:
         return False
 
 
-async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+async def close_socket(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    """Close with `code` and a (truncated) reason; a socket already gone is fine."""
     with contextlib.suppress(Exception):
         await ws.close(code=code, message=reason[:120].encode())

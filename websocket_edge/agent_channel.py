@@ -18,12 +18,12 @@ from aiohttp import WSMsgType, web
 from speechpipe import protocol as p
 from speechpipe.errors import SpeechPipeError
 
-from .agent_bridge import Bridge, _close, _send
+from .agent_bridge import Bridge, close_socket, send_frame
 from .dispatch import AgentHub, NoAgentAvailable, RunnerConn
+from .keys import HUB_KEY, STORE_KEY
 
 log = logging.getLogger(__name__)
 
-HUB_KEY = web.AppKey("agent_hub", AgentHub)
 CONTROL_PATH = "/v1/agents/connect"
 BRIDGE_PATH = "/v1/agents/bridge/{session_id}"
 
@@ -34,8 +34,6 @@ def setup_agent_channel(app: web.Application, hub: AgentHub | None = None) -> Ag
     """Mount the agent channel on `app` and return its hub (closed with the app). Without `hub`, one is
     made on the app's AsyncStore (`create_app`'s STORE_KEY), so this is also a plain route group."""
     if hub is None:
-        from .app import STORE_KEY
-
         hub = AgentHub(app[STORE_KEY])
     app[HUB_KEY] = hub
     app.router.add_get(CONTROL_PATH, control_socket)
@@ -81,10 +79,10 @@ class _Budget:
         """Send the error frame; False when the budget is spent and the socket was closed."""
         self.errors += 1
         self.hub.counters["protocol_errors"] += 1
-        await _send(ws, error)
+        await send_frame(ws, error)
         if self.errors >= self.hub.max_errors:
-            await _send(ws, p.error_frame(p.Codes.TOO_MANY_ERRORS, "too many bad frames; closing"))
-            await _close(ws, p.CLOSE_PROTOCOL, "too many protocol errors")
+            await send_frame(ws, p.error_frame(p.Codes.TOO_MANY_ERRORS, "too many bad frames; closing"))
+            await close_socket(ws, p.CLOSE_PROTOCOL, "too many protocol errors")
             return False
         return True
 
@@ -112,32 +110,32 @@ async def control_socket(request: web.Request) -> web.StreamResponse:
                         raise p.ProtocolError(p.Codes.OUT_OF_ORDER, f"send register before {frame['type']}")
                     proto = frame.get("protocol", p.PROTOCOL_VERSION)
                     if proto != p.PROTOCOL_VERSION:
-                        await _send(ws, p.error_frame(p.Codes.PROTOCOL_UNSUPPORTED,
+                        await send_frame(ws, p.error_frame(p.Codes.PROTOCOL_UNSUPPORTED,
                                                       f"protocol {proto} unsupported; this server speaks "
                                                       f"{p.PROTOCOL_VERSION}"))
-                        await _close(ws, p.CLOSE_PROTOCOL, "protocol unsupported")
+                        await close_socket(ws, p.CLOSE_PROTOCOL, "protocol unsupported")
                         break
                     runner = hub.register(ws, frame, key_id, _bridge_base(request))
-                    await _send(ws, hub.registered_frame(runner))
+                    await send_frame(ws, hub.registered_frame(runner))
                     continue
                 reply = await hub.on_control_frame(runner, frame)
                 if reply is not None:
                     if reply["type"] == p.ERROR and not await budget.report(ws, reply):
                         break
                     if reply["type"] != p.ERROR:
-                        await _send(ws, reply)
+                        await send_frame(ws, reply)
             except p.ProtocolError as exc:
                 if not await budget.report(ws, exc.frame()):
                     break
             except TimeoutError:
-                await _send(ws, p.error_frame(p.Codes.OUT_OF_ORDER, "no register frame in time"))
-                await _close(ws, p.CLOSE_PROTOCOL, "register timeout")
+                await send_frame(ws, p.error_frame(p.Codes.OUT_OF_ORDER, "no register frame in time"))
+                await close_socket(ws, p.CLOSE_PROTOCOL, "register timeout")
                 break
     except asyncio.CancelledError:
         raise
     except Exception:  # a bug of ours: log it, drop this socket, keep the server
         log.exception("agent control socket failed")
-        await _close(ws, 1011, "internal error")
+        await close_socket(ws, 1011, "internal error")
     finally:
         if runner is not None and runner.ws is ws:
             hub.runner_lost(runner, "closed")
@@ -170,14 +168,14 @@ async def bridge_socket(request: web.Request) -> web.StreamResponse:
                 if not await budget.report(ws, exc.frame()):
                     break
             except TimeoutError:
-                await _send(ws, p.error_frame(p.Codes.OUT_OF_ORDER, "no hello frame in time"))
-                await _close(ws, p.CLOSE_PROTOCOL, "hello timeout")
+                await send_frame(ws, p.error_frame(p.Codes.OUT_OF_ORDER, "no hello frame in time"))
+                await close_socket(ws, p.CLOSE_PROTOCOL, "hello timeout")
                 break
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("agent bridge socket for %s failed", session_id)
-        await _close(ws, 1011, "internal error")
+        await close_socket(ws, 1011, "internal error")
     finally:
         if bridge is not None:
             bridge.detach(ws)
@@ -190,20 +188,20 @@ async def _hello(hub: AgentHub, ws: web.WebSocketResponse, frame: dict[str, Any]
     if frame["type"] != p.HELLO:
         raise p.ProtocolError(p.Codes.OUT_OF_ORDER, f"send hello before {frame['type']}")
     if frame["protocol"] != p.PROTOCOL_VERSION:
-        await _send(ws, p.error_frame(p.Codes.PROTOCOL_UNSUPPORTED,
+        await send_frame(ws, p.error_frame(p.Codes.PROTOCOL_UNSUPPORTED,
                                       f"protocol {frame['protocol']} unsupported; this server speaks "
                                       f"{p.PROTOCOL_VERSION}"))
-        await _close(ws, p.CLOSE_PROTOCOL, "protocol unsupported")
+        await close_socket(ws, p.CLOSE_PROTOCOL, "protocol unsupported")
         return None
     bridge = hub.bridge_for(frame["call_token"], session_id)
     if bridge is None or bridge.over:
         hub.counters["bad_tokens"] += 1
-        await _send(ws, p.error_frame(p.Codes.BAD_TOKEN, "this call token is not valid for this session "
+        await send_frame(ws, p.error_frame(p.Codes.BAD_TOKEN, "this call token is not valid for this session "
                                       "(unknown, expired, or the call is over)"))
-        await _close(ws, p.CLOSE_CALL_OVER, "bad call token")
+        await close_socket(ws, p.CLOSE_CALL_OVER, "bad call token")
         return None
     if not await bridge.attach(ws, frame):
         bridge.fail("resume_failed")
-        await _close(ws, p.CLOSE_CALL_OVER, "cannot resume")
+        await close_socket(ws, p.CLOSE_CALL_OVER, "cannot resume")
         return None
     return bridge

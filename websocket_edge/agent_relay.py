@@ -26,8 +26,8 @@ from speechpipe import logs
 from speechpipe.pipeline.agent import AgentGone
 from speechpipe.protocol import RELAY_PATH
 
-from .agent_channel import HUB_KEY
 from .dispatch import NoAgentAvailable
+from .keys import HUB_KEY
 from .metrics import count_dispatch_failure, relay_telemetry
 
 log = logging.getLogger(__name__)

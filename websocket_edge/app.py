@@ -4,10 +4,10 @@ Route groups are plain functions `setup(app) -> None` that add routes (and start
 app; `default_route_groups()` lists the ones `serve` mounts. To add a group (client WebSocket, agent
 channel, test page, metrics), write its `setup_xxx(app)` in its own module and append it there.
 
-Shared state lives under typed keys: `app[SETTINGS_KEY]`, `app[STORE_KEY]` (AsyncStore, for handlers),
-`app[SYNC_STORE_KEY]` (the Store) and, in demo mode, `app[DEMO_KEY]`. Every error leaves as JSON
-`{"error": {"code", "message"}}` through `error_middleware`; an unexpected exception is logged and
-answered with a 500 `internal_error`.
+Shared state lives under typed keys, defined in `keys` and re-exported here: `app[SETTINGS_KEY]`,
+`app[STORE_KEY]` (AsyncStore, for handlers), `app[SYNC_STORE_KEY]` (the Store) and, in demo mode,
+`app[DEMO_KEY]`. Every error leaves as JSON `{"error": {"code", "message"}}` through `error_middleware`;
+an unexpected exception is logged and answered with a 500 `internal_error`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,23 @@ from speechpipe.settings import Settings
 from speechpipe.storage import AsyncStore, Store
 from speechpipe.storage.demo import DemoInfo, ensure_demo
 
+# The keys live in `keys` (below every handler); re-exported here, where `create_app` fills them.
+from .keys import (
+    AGENT_FACTORY_KEY,
+    DEMO_KEY,
+    HUB_KEY,
+    SETTINGS_KEY,
+    SIP_HEALTH_KEY,
+    STORE_KEY,
+    SYNC_STORE_KEY,
+)
+
 log = logging.getLogger("speechpipe.web")
 
 RouteGroup = Callable[[web.Application], None]
 
-SETTINGS_KEY = web.AppKey("speechpipe.settings", Settings)
-STORE_KEY = web.AppKey("speechpipe.store", AsyncStore)
-SYNC_STORE_KEY = web.AppKey("speechpipe.sync_store", Store)
-DEMO_KEY = web.AppKey("speechpipe.demo", DemoInfo)
-# A callable returning the SIP supervisor's health (set by `serve` when it runs media workers).
-SIP_HEALTH_KEY = web.AppKey("speechpipe.sip_health", object)
+__all__ = ["DEMO_KEY", "SETTINGS_KEY", "SIP_HEALTH_KEY", "STORE_KEY", "SYNC_STORE_KEY", "RouteGroup",
+           "create_app", "default_route_groups", "error_middleware", "error_response"]
 
 _CODE_BY_STATUS = {
     400: Code.INVALID_JSON,
@@ -47,7 +54,7 @@ _CODE_BY_STATUS = {
 
 def default_route_groups() -> list[RouteGroup]:
     """Every route group `speechpipe serve` mounts, in order. Append new groups here."""
-    # These modules import this one's keys, so they load here.
+    # Loaded on first use, so importing this module (the CLI does) loads no pipeline code.
     from speechpipe.websocket_edge.agent_channel import setup_agent_channel
     from speechpipe.websocket_edge.client_ws import setup_client_ws
     from speechpipe.websocket_edge.metrics import setup_metrics
@@ -84,9 +91,6 @@ def create_app(settings: Settings, store: Store, *, route_groups: Sequence[Route
 
 def _connect_sessions_to_agents(app: web.Application) -> None:
     """Web sessions get their agent from the hub when both the client edge and the agent channel run."""
-    from speechpipe.websocket_edge.agent_channel import HUB_KEY
-    from speechpipe.websocket_edge.client_ws import AGENT_FACTORY_KEY
-
     if HUB_KEY in app and AGENT_FACTORY_KEY not in app:
         app[AGENT_FACTORY_KEY] = app[HUB_KEY].dispatch
 

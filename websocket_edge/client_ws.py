@@ -28,7 +28,13 @@ from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
-from speechpipe.websocket_edge.app import SETTINGS_KEY, STORE_KEY
+from speechpipe.websocket_edge.keys import (
+    AGENT_FACTORY_KEY,
+    CLIENT_EDGE_KEY,
+    ENGINES_KEY,
+    SETTINGS_KEY,
+    STORE_KEY,
+)
 from speechpipe.websocket_edge.metrics import count_dispatch_failure, observe
 from speechpipe.websocket_edge.pacer import Outbox, Pacer
 
@@ -169,9 +175,8 @@ class ClientEdge:
                                for c in list(self.connections)), return_exceptions=True)
 
 
-CLIENT_EDGE_KEY = web.AppKey("speechpipe.client_edge", ClientEdge)
-ENGINES_KEY = web.AppKey("speechpipe.engines", Engines)
-AGENT_FACTORY_KEY = web.AppKey("speechpipe.agent_factory", object)  # an AgentFactory
+__all__ = ["AGENT_FACTORY_KEY", "CLIENT_EDGE_KEY", "ENGINES_KEY", "AgentFactory", "ClientEdge", "EdgeLimits",
+           "setup_client_ws"]
 
 
 def setup_client_ws(app: web.Application, *, store: Any = None, engines: Engines | None = None,

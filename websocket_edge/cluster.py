@@ -25,16 +25,35 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from speechpipe.errors import ConfigError
 
-if TYPE_CHECKING:
-    from .dispatch import AgentHub
+
+class Hub(Protocol):
+    """What the cluster needs of this node's hub (`dispatch.AgentHub`, which holds the cluster in turn)."""
+
+    cluster: Cluster | None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def local_capacity(self) -> dict[str, dict[str, int]]: ...
+
+    def forget_origins_except(self, live: set[str]) -> None: ...
+
+    async def serve_offer(self, origin: str, agent_id: str, assign: dict[str, Any],
+                          ack_s: float) -> tuple[bool, str | None]: ...
+
+    def remote_answer(self, job_id: str, accepted: bool, reason: str | None) -> None: ...
+
+    def release_served(self, job_id: str, *, cancel: bool) -> None: ...
+
+    def remote_runner_lost(self, job_id: str, reason: str) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +86,7 @@ def ws_url(base: str) -> str:
 
 
 class Cluster:
-    def __init__(self, hub: AgentHub, redis_url: str, *, public_url: str, node_id: str | None = None,
+    def __init__(self, hub: Hub, redis_url: str, *, public_url: str, node_id: str | None = None,
                  name: str = "default", advert_interval_s: float = 1.0, answer_slack_s: float = 1.0) -> None:
         """public_url: the base URL runners connected to other nodes reach this node at.
         name: the cluster's name; deployments sharing one Redis keep apart by it.

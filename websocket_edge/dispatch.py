@@ -38,20 +38,12 @@ from aiohttp import web
 from speechpipe import protocol as p
 from speechpipe.errors import AuthenticationError, Code
 
-from .agent_bridge import Bridge, BridgeLink, _close, _send
+from .agent_bridge import Bridge, BridgeLink, NoAgentAvailable, close_socket, send_frame
 
 if TYPE_CHECKING:
     from .cluster import Cluster
 
 log = logging.getLogger(__name__)
-
-
-class NoAgentAvailable(Exception):
-    """No runner took the session. `reason` is recorded as the session's end reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -173,7 +165,7 @@ class AgentHub:
         if runner is not None:
             old = runner.ws
             if old is not None and old is not ws and not old.closed:
-                self.spawn(_close(old, p.CLOSE_REPLACED, "this worker registered again"))
+                self.spawn(close_socket(old, p.CLOSE_REPLACED, "this worker registered again"))
             self.counters["runner_reconnects"] += 1
         else:
             self._order += 1
@@ -309,9 +301,9 @@ class AgentHub:
                     continue
                 if now - runner.last_seen > self.heartbeat_timeout_s:
                     self.runner_lost(runner, "heartbeat_timeout")
-                    self.spawn(_close(ws, p.CLOSE_HEARTBEAT, "no heartbeat"))
+                    self.spawn(close_socket(ws, p.CLOSE_HEARTBEAT, "no heartbeat"))
                     continue
-                sends.append(_send(ws, beat))
+                sends.append(send_frame(ws, beat))
             if sends:  # all at once: one runner with a full socket buffer does not delay the others
                 await asyncio.gather(*sends)
 
@@ -436,7 +428,7 @@ class AgentHub:
             finally:
                 cluster.offer_done(runner.node)
         else:
-            if runner.ws is None or not await _send(runner.ws, assign):
+            if runner.ws is None or not await send_frame(runner.ws, assign):
                 self.release(job, "runner_lost")
                 return "runner_lost"
             # The ack deadline starts now, with the offer written.
@@ -468,7 +460,8 @@ class AgentHub:
                 return job.bridge.end_reason or "runner_lost"
             self.counters["bridge_timeouts"] += 1
             if runner.ws is not None:
-                await _send(runner.ws, {"type": p.JOB_CANCEL, "job_id": job.job_id, "reason": "no_hello"})
+                await send_frame(runner.ws, {"type": p.JOB_CANCEL, "job_id": job.job_id,
+                                             "reason": "no_hello"})
             job.bridge.end("bridge_timeout", p.CLOSE_CALL_OVER)
             return "bridge_timeout"
         return None
@@ -592,7 +585,7 @@ class AgentHub:
             self._changed()
             ack_i = min(self.ack_timeout_s, remaining)
             frame = {**assign, "deadline_ms": int(ack_i * 1000)}
-            if runner.ws is None or not await _send(runner.ws, frame):
+            if runner.ws is None or not await send_frame(runner.ws, frame):
                 self.release(job, "runner_lost")
                 reason = "runner_lost"
                 continue
@@ -640,7 +633,7 @@ class AgentHub:
             return
         ws = job.runner.ws
         if cancel and ws is not None:
-            self.spawn(_send(ws, {"type": p.JOB_CANCEL, "job_id": job_id, "reason": "cancelled"}))
+            self.spawn(send_frame(ws, {"type": p.JOB_CANCEL, "job_id": job_id, "reason": "cancelled"}))
         self.release(job, "released_by_origin")
 
     def remote_runner_lost(self, job_id: str, reason: str) -> None:
@@ -704,7 +697,7 @@ class AgentHub:
                 job.bridge.fail("server_shutdown")
         for runner in list(self._runners.values()):
             if runner.ws is not None:
-                await _close(runner.ws, p.CLOSE_GOING_AWAY, "server shutting down")
+                await close_socket(runner.ws, p.CLOSE_GOING_AWAY, "server shutting down")
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 

@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 
 from speechpipe.errors import Code
 from speechpipe.pipeline import events as ev
-from speechpipe.websocket_edge.app import SIP_HEALTH_KEY
+from speechpipe.websocket_edge.keys import CLIENT_EDGE_KEY, HUB_KEY, SIP_HEALTH_KEY
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,6 @@ class _StateCollector:
                 log.exception("metrics: %s failed", part.__name__)
 
     def _dispatch(self, app: web.Application | None) -> Iterable[Metric]:
-        from .agent_channel import HUB_KEY
-
         hub = app.get(HUB_KEY) if app is not None else None
         counters = dict(hub.counters) if hub is not None else {}
         failures = CounterMetricFamily("speechpipe_dispatch_failures", "Sessions no agent took, by reason",
@@ -282,8 +280,6 @@ class _StateCollector:
         yield from per_agent.values()
 
     def _client_edge(self, app: web.Application | None) -> Iterable[Metric]:
-        from .client_ws import CLIENT_EDGE_KEY
-
         edge = app.get(CLIENT_EDGE_KEY) if app is not None else None
         if edge is None:
             return

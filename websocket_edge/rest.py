@@ -31,7 +31,7 @@ from speechpipe.storage import records
 from speechpipe.storage.credentials import is_id_shaped
 from speechpipe.storage.store import UNSET, check_storable, pydantic_details
 from speechpipe.websocket_edge import openapi as api
-from speechpipe.websocket_edge.app import DEMO_KEY, SETTINGS_KEY, SIP_HEALTH_KEY, STORE_KEY
+from speechpipe.websocket_edge.keys import DEMO_KEY, SETTINGS_KEY, SIP_HEALTH_KEY, STORE_KEY
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 MAX_JSON_DEPTH = 32
