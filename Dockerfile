@@ -60,16 +60,18 @@ COPY runner runner
 COPY websocket_edge websocket_edge
 COPY telephony telephony
 COPY examples examples
-# With a self-built pjsua2 wheel: install it and every dependency except the PyPI pjsua2-python (both
-# provide the `pjsua2` module). Without one: a plain install pulls the PyPI wheel.
+# The image runs `serve`, so it installs the server extra. With a self-built pjsua2 wheel: install it and
+# every dependency (base and server) except the PyPI pjsua2-python (both provide the `pjsua2` module).
+# Without one: a plain install pulls the PyPI wheel.
 RUN set -eu; \
     if ls /wheels/*.whl >/dev/null 2>&1; then \
         pip install --no-cache-dir /wheels/*.whl; \
-        python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+        python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies'] + p['optional-dependencies']['server']; \
 print('\n'.join(d for d in deps if not d.startswith('pjsua2-python')))" > /tmp/deps.txt; \
         pip install --no-cache-dir -r /tmp/deps.txt && pip install --no-cache-dir --no-deps .; \
     else \
-        pip install --no-cache-dir .; \
+        pip install --no-cache-dir '.[server]'; \
     fi; \
     rm -rf /wheels; \
     python -c "import pjsua2, speechpipe.telephony.media as m; print('pjsua2 ok, direct frame path:', m.DIRECT)"; \

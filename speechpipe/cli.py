@@ -20,9 +20,13 @@ from typing import Any
 from speechpipe.errors import ConfigError, SpeechPipeError
 from speechpipe.logs import AccessLogger, announce, configure_logging
 from speechpipe.settings import Settings
-from speechpipe.storage import Store
-from speechpipe.storage.demo import DemoInfo, ensure_demo
-from speechpipe.storage.engine import display_url
+
+try:
+    from speechpipe.storage import Store
+    from speechpipe.storage.demo import DemoInfo, ensure_demo
+    from speechpipe.storage.engine import display_url
+except ImportError as exc:  # the light install (runner SDK and client): no server commands
+    raise SystemExit(f"error: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,12 @@
 `Store` is the synchronous, thread-safe API; `AsyncStore` wraps it for asyncio code.
 """
 
-from speechpipe.storage.async_store import AsyncStore
-from speechpipe.storage.records import (
+from speechpipe.extras import require_server
+
+require_server(__name__, ("sqlalchemy", "alembic"))
+
+from speechpipe.storage.async_store import AsyncStore  # noqa: E402 (after the extra's check)
+from speechpipe.storage.records import (  # noqa: E402
     ApiKey,
     MintedToken,
     NewApiKey,
@@ -15,7 +19,7 @@ from speechpipe.storage.records import (
     TokenGrant,
     Turn,
 )
-from speechpipe.storage.store import Store
+from speechpipe.storage.store import Store  # noqa: E402
 
 __all__ = [
     "ApiKey",

@@ -7,3 +7,7 @@
 - `sipmsg`: bounded parsers for the dialled number and the caller's identity. `config`: `SipConfig`.
 - `sip_checks`: RTP pcaps, SIPp scenarios and malformed-SIP probes for tests, benchmarks and deployments.
 """
+
+from speechpipe.extras import require_server
+
+require_server(__name__, ("numpy",))
