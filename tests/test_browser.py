@@ -14,13 +14,18 @@ import numpy as np
 import pytest
 
 from .fixtures_web import ARTIFACTS, LONG_REPLY, chromium_args
-from .speech import normalise_text, silence, synth, wer, write_wav
+from .speech import silence, synth, wer, write_wav
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 SENTENCE = "Can you tell me when the pharmacy opens tomorrow?"
 BARGE_IN_BUDGET_MS = 400  # the pipeline's barge-in budget: onset of user speech → last agent frame sent
+QUESTION = "What are your opening hours?"
+# Decoded word for word by tiny.en in 12 of 12 variants of the audio path (lead-in 0-300 ms, tail 250-700 ms,
+# via 48 and 44.1 kHz, gain 0.5 and 1.6, noise, first 40 ms cut) and in every browser run measured.
+INTERRUPTION = "I want to speak to a person please."
+MAX_WER = 0.25  # of 8 words: one or two misheard words pass, another sentence or garbage does not
 
 
 @pytest.fixture(scope="session")
@@ -113,8 +118,8 @@ async def test_page_barge_in_stops_playback_and_stores_heard_text(web_server, pl
     srv = web_server
     pipe = srv.pipe("long-talker")
     wav = tmp_path / "mic.wav"
-    question = synth("What are your opening hours?")
-    interruption = synth("I want to speak to a person please.")
+    question = synth(QUESTION)
+    interruption = synth(INTERRUPTION)
     mic = np.concatenate([silence(1500), question, silence(4500), interruption, silence(5000)])
     write_wav(wav, mic, 16000)
     browser, page, messages = await open_page(playwright_instance, wav,
@@ -122,7 +127,9 @@ async def test_page_barge_in_stops_playback_and_stores_heard_text(web_server, pl
     try:
         await page.click("#start")
         await wait_log(page, "log.some(e => e.type === 'playback' && e.state === 'stopped')", 40, messages)
-        await wait_log(page, "log.filter(e => e.type === 'user_turn').length === 2", 15, messages)
+        # The interruption's turn: the first after the cut (however the question before it was segmented).
+        cut = "log.find(s => s.type === 'playback' && s.state === 'stopped').t"
+        await wait_log(page, f"log.some(e => e.type === 'user_turn' && e.t > {cut})", 15, messages)
         log = await page_log(page)
         started = next(e for e in log if e["type"] == "session.started")
         clear = next(e for e in log if e["type"] == "clear")
@@ -134,9 +141,10 @@ async def test_page_barge_in_stops_playback_and_stores_heard_text(web_server, pl
                        if e["type"] == "metric" and e["name"] == "barge_in"]
         # Server: the last agent frame left within the budget of the onset. Page: the speaker went quiet
         # within the budget of hearing about the onset, and nothing played after `clear`.
+        turns = [e for e in log if e["type"] == "user_turn"]
         print(f"\nbrowser barge-in: server reaction {reaction:.0f} ms; page audible until "
               f"{heard_until - onset['t']:.0f} ms after the onset event; clear after "
-              f"{clear['t'] - onset['t']:.0f} ms")
+              f"{clear['t'] - onset['t']:.0f} ms; heard {[t['text'] for t in turns]}")
         assert reaction < BARGE_IN_BUDGET_MS
         assert heard_until - onset["t"] < BARGE_IN_BUDGET_MS, heard_until - onset["t"]
         # The agent answers the interruption too; its reply is the next playback, not a leak of this one.
@@ -146,8 +154,10 @@ async def test_page_barge_in_stops_playback_and_stores_heard_text(web_server, pl
         done = next(e for e in log if e["type"] == "agent.speech_done" and e["text"] == LONG_REPLY)
         assert done["interrupted"] and done["heard_text"] and LONG_REPLY.startswith(done["heard_text"])
         assert 1.0 < stopped["seconds"] < (done["end_ms"] - done["start_ms"]) / 1000 + 0.2
-        turns = [e for e in log if e["type"] == "user_turn"]
-        assert "person" in normalise_text(turns[1]["text"])
+        # What the user said while the agent talked is a turn of its own, heard closely enough: one misheard
+        # word is the recogniser's business, not the barge-in's.
+        interrupting = next(t for t in turns if t["t"] > stopped["t"])
+        assert wer(INTERRUPTION, interrupting["text"]) <= MAX_WER, interrupting["text"]
         lines = await page.evaluate(transcript_js())
         assert ["agent", LONG_REPLY, "true"] in lines
         await page.screenshot(path=str(_artifact("browser-barge-in.png")))
