@@ -269,7 +269,7 @@ class PipelineSession:
                         self._votes_used += 1
                     await self._on_frame(frame, voiced, wall)
                 if self._early_pause is not None and self._votes_used > self._early_pause:
-                    self._early_pause = None  # the onset vote reached the detector: it has decided
+                    self._early_pause = None  # the votes reached the detector: it has decided
                     if not self.barge.active:
                         self.speaker.paused = False
                 await self._maybe_end_after_speech()
@@ -282,17 +282,20 @@ class PipelineSession:
 
     def _native_vote(self, voiced: bool) -> None:
         """A narrowband leg's VAD vote. Its 16 kHz frame reaches the detector 60-115 ms later (the
-        resampler's lag), so a speech onset over the agent pauses the agent's audio here, at once, as the
-        detector's onset would (barge-in reaction); the detector then confirms it or the audio resumes."""
+        resampler's lag), so the first voiced vote over the agent pauses the agent's audio here, at once
+        (barge-in reaction); once the detector has seen the votes its onset needs, it confirms the
+        barge-in or the audio resumes. Silero scores 32 ms windows, so waiting for a second voiced
+        20 ms frame here would often mean waiting for a second window."""
         self._vad_votes.append(voiced)
         self._votes_seen += 1
         self._native_run = self._native_run + 1 if voiced else 0
         active = self.speaker.active
-        if (self._native_run == self.detector.onset_frames and not self.barge.active and active is not None
+        if (self._native_run == 1 and not self.barge.active and active is not None
                 and active.interruptible and active.started_at is not None and self.config.barge_in.enabled
                 and self.detector.state is not State.SPEAKING):
             self.speaker.paused = True
-            self._early_pause = self._votes_seen - 1  # index of the vote that decided it
+            # The index of the last vote the detector needs before it can decide.
+            self._early_pause = self._votes_seen - 1 + self.detector.onset_frames - 1
 
     async def _on_frame(self, frame: np.ndarray, voiced: bool, wall: float) -> None:
         self._book_playback()
