@@ -11,9 +11,9 @@ STT's worst case); every call plays the same G.711 pcap: questions, each followe
 for the answer.
 
 Figures, per concurrency level:
-- response latency (DESIGN.md, phone path): the last voiced 10 ms of the caller's speech as it reached the
-  worker to the first agent sample handed to the conference bridge (the worker's `metric` per turn),
-  p50/p95 over every turn, endpointing silence named beside it;
+- response latency (docs/architecture.md § Timing definitions, phone path): the last voiced 10 ms of the
+  caller's speech as it reached the worker to the first agent sample handed to the conference bridge (the
+  worker's `metric` per turn), p50/p95 over every turn, endpointing silence named beside it;
 - frames late: bridge ticks that ran > 40 ms behind the 20 ms schedule (out) and caller frames the event
   loop took > 40 ms to take (in), over all frames; the worst lateness;
 - CPU per call: the workers' user+system CPU time over the level, per second of call (% of one core);

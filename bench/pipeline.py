@@ -1,4 +1,5 @@
-"""Pipeline benchmark: multi-turn conversations at real-time pace, measured as DESIGN.md defines.
+"""Pipeline benchmark: multi-turn conversations at real-time pace, measured as docs/architecture.md
+§ Timing definitions defines.
 
     .venv/bin/python -m bench.pipeline                 # everything (~10 min on 2 cores)
     .venv/bin/python -m bench.pipeline --turns 30 --sessions 1,6,10,12 --silence-ms 500

@@ -9,8 +9,9 @@ and out, reads everything the server sends, and waits for the reply before its n
 start staggered over one turn so their turns do not all end on the same frame.
 
 Figures, per concurrency level:
-- response latency (DESIGN.md): end of the user's speech (the last voiced 10 ms of the sentence sent) to
-  the first agent audio frame received, p50/p95 over every turn (endpointing silence named beside it).
+- response latency (docs/architecture.md § Timing definitions): end of the user's speech (the last voiced
+  10 ms of the sentence sent) to the first agent audio frame received, p50/p95 over every turn
+  (endpointing silence named beside it).
   The server's own figure (`metric` events: last voiced frame → first frame out) is shown too.
 - real time: how late each agent audio frame arrived against the pacing schedule (the first 100 ms of a
   reply at once, then one frame per 20 ms after the first arrived), p99 and max; and how late the

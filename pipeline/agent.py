@@ -1,8 +1,9 @@
 """The pipeline's side of the text-only agent channel.
 
 A session talks to its agent through an `AgentLink`: JSON-able dicts both ways, in the shapes of
-DESIGN.md § Agent channel (the WebSocket bridge carries exactly these). `CallbackAgent` is an in-process
-agent for the built-in demo and the pipeline benchmark: a plain function from user text to reply text.
+`speechpipe.protocol` (docs/architecture.md § Agent channel; the WebSocket bridge carries exactly these).
+`CallbackAgent` is an in-process agent for the built-in demo and the pipeline benchmark: a plain function
+from user text to reply text.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ import pjsua2 as pj
 
 log = logging.getLogger(__name__)
 
-LATE_S = 0.040  # a frame more than this behind the 20 ms schedule counts as late (DESIGN.md capacity)
+# A frame more than this behind the 20 ms schedule counts as late (capacity: docs/architecture.md § Timing
+# definitions).
+LATE_S = 0.040
 _AUDIO = pj.PJMEDIA_FRAME_TYPE_AUDIO
 _NONE = pj.PJMEDIA_FRAME_TYPE_NONE
 
