@@ -71,6 +71,14 @@ class AgentGone(Exception):
     """The agent disappeared (crashed, disconnected for good, or never came)."""
 
 
+class AgentUnavailable(Exception):
+    """No agent takes the session; `reason` becomes its end reason (`no_runner`, `at_capacity`, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class AgentLink(ABC):
     @abstractmethod
     async def send(self, message: Message) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from speechpipe import logs
+from speechpipe.protocol import Direction
 
 from . import agent as msg
 from . import events as ev
@@ -81,7 +82,7 @@ class Engines:
 class SessionInfo:
     pipe_id: str
     agent_id: str
-    direction: str  # "inbound_phone" | "web"
+    direction: Direction
     caller: str | None = None
     caller_name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -365,7 +365,7 @@ class CallContext:
     """How the session arrived and who it is with; `session` holds the controls."""
 
     session_id: str
-    direction: str  # "inbound_phone" | "web"
+    direction: p.Direction
     pipe_id: str | None
     agent_id: str
     caller: str | None

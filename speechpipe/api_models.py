@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from speechpipe.pipe_config import PipeConfig
+from speechpipe.protocol import Direction
 
 API_VERSION = "0.1.0"
 ID_PATTERN = {"pipe": r"^pipe_[0-9a-f]{24}$", "sess": r"^sess_[0-9a-f]{24}$"}
 AGENT_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
-Direction = Literal["web", "inbound_phone", "outbound_phone"]
 
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})")

@@ -22,9 +22,13 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
 PROTOCOL_VERSION: Final = 1
+
+# How a session reached the platform: `ctx.direction` for the agent, `sessions.direction` in SQL.
+Direction = Literal["web", "inbound_phone", "outbound_phone"]
+DIRECTIONS: Final[tuple[Direction, ...]] = get_args(Direction)
 MAX_FRAME_BYTES: Final = 64 * 1024
 MAX_TEXT_CHARS: Final = 16 * 1024
 MAX_METADATA_BYTES: Final = 16 * 1024

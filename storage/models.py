@@ -126,7 +126,7 @@ class SessionRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     pipe_id: Mapped[str] = mapped_column(ForeignKey("pipes.id"))
     agent_id: Mapped[str] = mapped_column(String(128))
-    # 'web' | 'inbound_phone' | 'outbound_phone'
+    # speechpipe.protocol.Direction: 'web' | 'inbound_phone' | 'outbound_phone'
     direction: Mapped[str] = mapped_column(String(32), index=True)
     caller: Mapped[str | None] = mapped_column(String(256))
     caller_name: Mapped[str | None] = mapped_column(String(256))

@@ -31,6 +31,7 @@ from speechpipe.errors import (
     ValidationError,
 )
 from speechpipe.pipe_config import PipeConfig
+from speechpipe.protocol import DIRECTIONS
 from speechpipe.storage import credentials as cred
 from speechpipe.storage.engine import display_url, make_engine, normalize_url
 from speechpipe.storage.migrate import upgrade as run_upgrade
@@ -62,7 +63,6 @@ SESSIONS = SessionRow.__table__
 TURNS = TurnRow.__table__
 RECORDINGS = RecordingRow.__table__
 
-DIRECTIONS: Final = ("web", "inbound_phone", "outbound_phone")
 ROLES: Final = ("user", "agent")
 TURN_KINDS: Final = ("turn", "backchannel", "noise")  # see TurnRow.kind
 MAX_METADATA_BYTES: Final = 16 * 1024

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import WSMsgType
 
 from speechpipe.pipeline import events as ev
-from speechpipe.pipeline.agent import AgentGone, AgentLink
+from speechpipe.pipeline.agent import AgentGone, AgentLink, AgentUnavailable
 from speechpipe.protocol import RELAY_PATH
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ class RelayAgentLink(AgentLink):
         self._http = http
 
     @classmethod
-    async def open(cls, url: str, secret: str, session: Any) -> RelayAgentLink | None:
-        """Dispatch `session` through the serve process at `url`; None when no agent takes it."""
+    async def open(cls, url: str, secret: str, session: Any) -> RelayAgentLink:
+        """Dispatch `session` through the serve process at `url`. Raises AgentUnavailable with the hub's
+        reason (`no_runner`, `at_capacity`, ...) when no agent takes it, `hub_unreachable` when serve
+        does not answer."""
         http = aiohttp.ClientSession()
         try:
             ws = await http.ws_connect(url.rstrip("/") + RELAY_PATH, heartbeat=15,
@@ -44,15 +46,16 @@ class RelayAgentLink(AgentLink):
                                 "agent_id": info.agent_id, "direction": info.direction, "caller": info.caller,
                                 "caller_name": info.caller_name, "metadata": info.metadata})
             answer = await ws.receive_json(timeout=30)
-        except Exception:
+        except Exception as exc:
             await http.close()
             log.exception("relay: cannot reach the agent hub at %s", url)
-            return None
+            raise AgentUnavailable("hub_unreachable") from exc
         if answer.get("type") != "dispatched":
-            log.warning("relay: no agent for session %s: %s", session.session_id, answer.get("reason"))
+            reason = str(answer.get("reason") or "no_agent")
+            log.warning("relay: no agent for session %s: %s", session.session_id, reason)
             await ws.close()
             await http.close()
-            return None
+            raise AgentUnavailable(reason)
         return cls(ws, http)
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -77,12 +80,12 @@ class RelayAgentLink(AgentLink):
         await self._http.close()
 
 
-async def relay_agent(session: Any) -> AgentLink | None:
+async def relay_agent(session: Any) -> AgentLink:
     """Agent factory for the SIP workers (`SPEECHPIPE_SIP_AGENT_FACTORY`): dispatch through serve's hub."""
     url, secret = os.environ.get("SPEECHPIPE_INTERNAL_URL"), os.environ.get("SPEECHPIPE_INTERNAL_SECRET")
     if not url or not secret:
         log.error("relay: SPEECHPIPE_INTERNAL_URL/SECRET not set; this worker was not started by serve")
-        return None
+        raise AgentUnavailable("hub_unreachable")
     return await RelayAgentLink.open(url, secret, session)
 
 

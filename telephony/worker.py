@@ -29,7 +29,7 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import numpy as np
 from speechpipe import logs
 from speechpipe.errors import NotFoundError
 from speechpipe.pipe_config import PipeConfig
-from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
+from speechpipe.pipeline.call import AgentFactory, CallStartFailed, connect_agent, start_call
 from speechpipe.pipeline.recorder import repair_wav
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.settings import Settings
@@ -53,15 +53,14 @@ from .relay_client import TelemetryForwarder
 
 log = logging.getLogger(__name__)
 
-AgentFactory = Callable[[PipelineSession], Awaitable[AgentLink | None]]
 TRANSFER_TIMEOUT_S = 10.0
 PIPE_CACHE_S = 5.0
 EARLY_AUDIO_FRAMES = 250  # caller audio kept while the session starts (5 s); more means something is stuck
 
 
-async def echo_agent(session: PipelineSession) -> AgentLink:
-    """A built-in agent for trying the phone path: it repeats what the caller said."""
-    return CallbackAgent(echo_reply, greeting="Hello, this is Speech Pipe. Say something.")
+async def _no_agent(session: PipelineSession) -> None:
+    """The factory of a worker started without one: every call gets the apology."""
+    return None
 
 
 def load_agent_factory(spec: str | None) -> AgentFactory | None:
@@ -292,8 +291,6 @@ class Worker:
 
     async def _start_session(self, state: CallState, media: MediaUp) -> None:
         call = state.incoming
-        # This task is the call's: the session binds its id here too, and its tasks inherit both.
-        logs.bind(pipe_id=state.pipe.id, direction="inbound_phone", agent_id=state.config.agent_id)
         info = SessionInfo(
             pipe_id=state.pipe.id, agent_id=state.config.agent_id, direction="inbound_phone",
             caller=call.caller, caller_name=call.caller_name,
@@ -306,38 +303,29 @@ class Worker:
         async def on_transfer(target: str, mode: str) -> str | None:
             return await self._transfer(state, target, mode)
 
-        session = PipelineSession(info, state.config, self.engines, input_rate=media.rate,
-                                  output_rate=media.rate, store=self.store,
-                                  recordings_dir=self.recordings_dir, on_transfer=on_transfer, on_end=on_end)
-        if self.telemetry is not None:
-            self.telemetry.observe(session)
+        def prepare(session: PipelineSession) -> None:
+            if self.telemetry is not None:
+                self.telemetry.observe(session)
+
         try:
-            await session.start()
-        except Exception:
-            log.exception("call %d: session start failed; hanging up", call.key)
+            # This task is the call's: start_call binds its log fields here, and the session's tasks
+            # inherit them.
+            session = await start_call(info, state.config, self.engines, input_rate=media.rate,
+                                       output_rate=media.rate, store=self.store,
+                                       recordings_dir=self.recordings_dir, on_end=on_end,
+                                       on_transfer=on_transfer, prepare=prepare, early_audio=state.early)
+        except CallStartFailed:
+            log.error("call %d: the session could not start; hanging up", call.key)
             await self.endpoint.run(self.endpoint.hangup, call.key)
             self.calls.pop(call.key, None)
             return
-        self._journal(state, session)
-        state.session = session
-        for pcm in state.early:
-            session.push_audio(pcm)
         state.early.clear()
+        state.session = session
+        self._journal(state, session)
         if state.gone:
             await end_session(session, "caller_hangup")
             return
-        agent: AgentLink | None = None
-        if self.agent_factory is not None:
-            try:
-                agent = await self.agent_factory(session)
-            except Exception:
-                log.exception("call %d: agent factory failed", call.key)
-        if session.ended.is_set():
-            return
-        if agent is None:
-            await session.no_agent("no_agent")
-        else:
-            await session.attach_agent(agent)
+        await connect_agent(session, self.agent_factory or _no_agent)
 
     def disconnected(self, key: int, code: int, reason: str) -> None:
         state = self.calls.get(key)

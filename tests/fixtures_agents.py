@@ -28,6 +28,8 @@ import pytest
 from aiohttp import web
 
 from speechpipe.pipeline import events as ev
+from speechpipe.pipeline.agent import AgentLink
+from speechpipe.pipeline.call import connect_agent
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.storage import AsyncStore, Store
@@ -289,7 +291,9 @@ class Channel:
         if speed:
             call.start_pulling()
         if attach:
-            call.attached = await self.hub.attach(session, within_s=within_s)
+            async def dispatch(s: PipelineSession) -> AgentLink:
+                return await self.hub.dispatch(s, within_s=within_s)
+            call.attached = await connect_agent(session, dispatch)
         return call
 
     async def close(self) -> None:

@@ -11,6 +11,10 @@ every message it gets is a JSON line in $PROBE_LOG, and the pipe's agent_id pick
   probe-transfer  on the first user turn, transfer to "1002" (the pipe allows it)
   probe-refuse    on the first user turn, transfer to "9999" (not allowed); on the error, end the call
   probe-long      answer with a long reply (for hanging up mid-reply)
+  probe-slow      the agent arrives 4 s after the session starts (for hanging up during dispatch)
+  probe-busy      no agent takes the call: the factory says `at_capacity`, as the hub does
+  probe-none      no agent (the factory returns None)
+Besides the messages, the probe logs `factory` (the session was offered, with its caller) and `closed`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import pytest
 
 from speechpipe.pipeline import agent as msg
-from speechpipe.pipeline.agent import AgentGone, AgentLink
+from speechpipe.pipeline.agent import AgentGone, AgentLink, AgentUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -91,13 +95,21 @@ class ProbeAgent(AgentLink):
 
     async def close(self, reason: str) -> None:
         self._closed = True
+        self._log({"type": "closed", "reason": reason})
 
 
 async def probe_agent(session: Any) -> AgentLink | None:
     """The workers' agent factory in tests: `tests.fixtures_sip:probe_agent`."""
-    if session.info.agent_id == "probe-none":
+    behaviour = session.info.agent_id
+    probe = ProbeAgent(behaviour, str(session.session_id), os.environ["PROBE_LOG"])
+    probe._log({"type": "factory", "caller": session.info.caller})
+    if behaviour == "probe-none":
         return None
-    return ProbeAgent(session.info.agent_id, str(session.session_id), os.environ["PROBE_LOG"])
+    if behaviour == "probe-busy":
+        raise AgentUnavailable("at_capacity")
+    if behaviour == "probe-slow":
+        await asyncio.sleep(4)
+    return probe
 
 
 # ------------------------------------------------------------------------------------------ netns
@@ -275,7 +287,7 @@ async def wait_for(pred: Callable[[], Any], within_s: float, what: str, tail: Ca
 
 PIPES = {  # extension -> (agent_id / behaviour)
     "2000": "probe-echo", "2001": "probe-end", "2002": "probe-transfer", "2003": "probe-refuse",
-    "2004": "probe-long", "2009": "probe-none",
+    "2004": "probe-long", "2005": "probe-slow", "2006": "probe-busy", "2009": "probe-none",
 }
 
 
@@ -300,10 +312,10 @@ class PhoneLab:
         logs = sorted((self.dir / "logs").glob("*.log"))
         return "\n".join("\n".join(p.read_text(errors="replace").splitlines()[-n:]) for p in logs)
 
-    async def session_of(self, caller: str, within_s: float = 20) -> str:
-        """The id of the (latest) session whose caller is `caller`."""
+    async def session_of(self, caller: str, within_s: float = 20, kind: str = "call.started") -> str:
+        """The id of the (latest) session whose caller is `caller` (by its `kind` line in the probe log)."""
         def find() -> str | None:
-            found = [m for m in self.probe(kind="call.started") if m.get("caller") == caller]
+            found = [m for m in self.probe(kind=kind) if m.get("caller") == caller]
             return found[-1]["session_id"] if found else None
         return await wait_for(find, within_s, f"a session from caller {caller}", self.worker_log)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
+from speechpipe.pipeline.agent import AgentLink, AgentUnavailable, CallbackAgent, echo_reply
 from speechpipe.pipeline.session import Engines, PipelineSession
 from speechpipe.settings import Settings
 from speechpipe.storage import Store
@@ -46,16 +46,10 @@ LONG_REPLY = ("Thank you for calling. Our opening hours are from nine in the mor
 REPLIES = {"long-talker": lambda text: LONG_REPLY}
 
 
-class NoRunner(Exception):
-    """What an agent factory raises when no agent can take the session (like AgentHub's NoAgentAvailable)."""
-
-    reason = "no_runner"
-
-
 async def example_agents(session: PipelineSession) -> AgentLink:
     """The example agent of each test pipe, by the pipe's agent_id (default: echo; `absent`: none)."""
     if session.info.agent_id == "absent":
-        raise NoRunner("no runner serves agent 'absent'")
+        raise AgentUnavailable("no_runner")  # as AgentHub's NoAgentAvailable does
     return CallbackAgent(REPLIES.get(session.info.agent_id, echo_reply))
 
 

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.agent import CallbackAgent, echo_reply
+from speechpipe.pipeline.call import connect_agent
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.realtime import RealtimeLine
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
@@ -271,10 +272,9 @@ async def test_phone_sessions_count_through_the_relay(metrics_server, engines, h
         await line.silence(0.2)
         await p1.end("caller_hangup")
 
-        # P2: the worker asks serve's hub through the relay; no runner: the apology, then `no_agent`.
+        # P2: the worker asks serve's hub through the relay; no runner: the apology, then the hub's reason.
         p2, line2, p2_events = await _phone_session(srv, astore, forwarder, engines, "absent", tmp_path)
-        assert await RelayAgentLink.open(srv.url, SECRET, p2) is None
-        await p2.no_agent("no_agent")
+        assert not await connect_agent(p2, lambda s: RelayAgentLink.open(srv.url, SECRET, s))
         # `ended` is set as the end begins; session.ended is emitted once the row and recording are closed.
         assert await line2.until(lambda: any(isinstance(e, ev.SessionEnded) for e in p2_events), 20)
         await forwarder.close(10)
@@ -301,7 +301,7 @@ async def test_phone_sessions_count_through_the_relay(metrics_server, engines, h
         return delta(after, before, name, **labels)
 
     assert d("speechpipe_sessions_started_total", direction="inbound_phone") == 3
-    for reason in ("caller_hangup", "no_agent", "worker_crashed"):
+    for reason in ("caller_hangup", "no_runner", "worker_crashed"):
         assert d("speechpipe_sessions_ended_total", direction="inbound_phone", end_reason=reason) == 1, reason
     assert after.get("speechpipe_sessions_live", direction="inbound_phone") == 0
     assert d("speechpipe_sessions_started_total", direction="web") == 0

@@ -20,6 +20,7 @@ import jiwer
 import numpy as np
 import pytest
 
+from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline import events as ev
 from speechpipe.settings import Settings
 from speechpipe.telephony import media, sipmsg
@@ -290,6 +291,42 @@ async def test_caller_hanging_up_mid_reply_ends_the_session_cleanly(phone_lab: P
     assert lab.store.get_recording(sid).duration_s > 4
     assert lab.probe(sid, "call.ended")[0]["reason"] == "caller_hangup"
     await lab.idle()  # and the worker is free again
+
+
+@pytest.mark.slow
+async def test_caller_hanging_up_during_dispatch_closes_the_agent_that_arrives(
+        phone_lab: PhoneLab, assets: dict[str, Path]) -> None:
+    """The agent comes 4 s after the session starts; the caller has hung up at 1.5 s. The session ends as
+    the caller's hang-up and the late agent is closed, not left holding a runner's call slot."""
+    lab = phone_lab
+    await lab.idle()
+    scn = _scn(lab, "hangup_dispatch", "call", pcap=assets["question_long"], hold_ms=1500, caller="5550107")
+    run = await sipp(lab.ns, scn, f"127.0.0.1:{lab.port}", service="2005")
+    assert run.returncode == 0, run.explain()
+    sid = await lab.session_of("5550107", kind="factory")
+    rec = await lab.ended(sid)
+    assert rec.end_reason == "caller_hangup"
+    closed = await wait_for(lambda: lab.probe(sid, "closed"), 10, "the late agent to close", lab.worker_log)
+    assert [m["reason"] for m in closed] == ["session_ended"]
+    assert not lab.probe(sid, "call.started")  # it never got the call
+    await lab.idle()
+
+
+@pytest.mark.slow
+async def test_a_call_no_agent_takes_ends_with_the_dispatch_reason(phone_lab: PhoneLab,
+                                                                   assets: dict[str, Path]) -> None:
+    """No agent: the caller hears the apology and the session ends with the reason dispatch gave
+    (`at_capacity` here), as a web session does, not a generic `no_agent`."""
+    lab = phone_lab
+    await lab.idle()
+    scn = _scn(lab, "busy", "wait_bye", pcap=assets["question_long"], caller="5550108")
+    run = await sipp(lab.ns, scn, f"127.0.0.1:{lab.port}", service="2006")
+    assert run.returncode == 0, run.explain()  # the worker hung up (BYE) after the apology
+    sid = await lab.session_of("5550108", kind="factory")
+    rec = await lab.ended(sid)
+    assert rec.end_reason == "at_capacity"
+    agent = [t for t in lab.store.list_turns(sid) if t.role == "agent"]
+    assert [t.text for t in agent] == [PipeConfig(agent_id="x").no_agent_message]
 
 
 @pytest.mark.slow

@@ -22,17 +22,13 @@ from aiohttp import web
 
 from speechpipe import logs
 from speechpipe import protocol as p
-from speechpipe.pipeline.agent import AgentGone, AgentLink
+from speechpipe.pipeline.agent import AgentGone, AgentLink, AgentUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class NoAgentAvailable(Exception):
+class NoAgentAvailable(AgentUnavailable):
     """No runner took the session. `reason` is recorded as the session's end reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Runner(Protocol):

@@ -15,7 +15,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +25,7 @@ from speechpipe import logs
 from speechpipe.errors import WS_CLOSE_CODE_BY_CODE, Code, SpeechPipeError
 from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline import events as ev
-from speechpipe.pipeline.agent import AgentLink, CallbackAgent, echo_reply
+from speechpipe.pipeline.call import AgentFactory, CallStartFailed, connect_agent, echo_agent, start_call
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.websocket_edge.keys import (
     AGENT_FACTORY_KEY,
@@ -86,14 +85,6 @@ class EdgeLimits:
         values = {f.name: getattr(settings, f"ws_{f.name}") for f in fields(cls)
                   if getattr(settings, f"ws_{f.name}", None) is not None}
         return cls(**values)
-
-
-AgentFactory = Callable[[PipelineSession], Awaitable[AgentLink | None]]
-
-
-async def echo_agent(session: PipelineSession) -> AgentLink:
-    """The default agent when none is wired: repeats the user (the built-in demo)."""
-    return CallbackAgent(echo_reply)
 
 
 class Refused(Exception):
@@ -281,47 +272,32 @@ class Connection:
         edge = self.edge
         info = SessionInfo(pipe_id=self._pipe_id, agent_id=config.agent_id, direction="web",
                            metadata=dict(self._metadata or {}))
-        session = PipelineSession(info, config, edge.engines, input_rate=input_rate, output_rate=output_rate,
-                                  store=edge.store, recordings_dir=_recordings_dir(edge.settings),
-                                  on_end=self._on_session_end)
-        assert self.outbox is not None
-        self.outbox.max_backlog_bytes = int(self.limits.max_backlog_s * output_rate * 2)
-        self.pacer = Pacer(session.pull_frame, self.outbox, ahead_s=self.limits.ahead_s)
-        session.subscribe(self._on_event)
-        observe(edge.app, session)  # /metrics
-        self.session = session
+
+        def prepare(session: PipelineSession) -> None:
+            assert self.outbox is not None
+            self.outbox.max_backlog_bytes = int(self.limits.max_backlog_s * output_rate * 2)
+            self.pacer = Pacer(session.pull_frame, self.outbox, ahead_s=self.limits.ahead_s)
+            session.subscribe(self._on_event)
+            observe(edge.app, session)  # /metrics
+            self.session = session
+
         try:
-            await session.start()
-        except Exception:
-            log.exception("client ws: the session could not start")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.end("error"), 10)
+            session = await start_call(info, config, edge.engines, input_rate=input_rate,
+                                       output_rate=output_rate, store=edge.store,
+                                       recordings_dir=_recordings_dir(edge.settings),
+                                       on_end=self._on_session_end, prepare=prepare)
+        except CallStartFailed:
             self.session = None
             raise Refused(Code.INTERNAL_ERROR, "the session could not start") from None
+        assert self.pacer is not None
         self._audio_t0 = time.monotonic()
         self._tasks.append(asyncio.ensure_future(self.pacer.run()))
         self._tasks.append(asyncio.ensure_future(self._attach_agent(session)))
 
     async def _attach_agent(self, session: PipelineSession) -> None:
-        reason = "no_agent"
         try:
-            agent = await self.edge.agent_factory(session)
-        except Exception as exc:  # e.g. AgentHub's NoAgentAvailable, whose `reason` becomes the end reason
-            reason = str(getattr(exc, "reason", "") or reason)
-            log.warning("session %s: no agent (%s: %s)", session.session_id, type(exc).__name__, exc)
-            agent = None
-        if agent is None:
-            count_dispatch_failure(self.edge.app, reason)
-        if session.ended.is_set():
-            if agent is not None:
-                with contextlib.suppress(Exception):
-                    await agent.close("session_ended")
-            return
-        try:
-            if agent is None:
-                await session.no_agent(reason)
-            else:
-                await session.attach_agent(agent)
+            await connect_agent(session, self.edge.agent_factory,
+                                on_unavailable=lambda reason: count_dispatch_failure(self.edge.app, reason))
         except Exception:
             log.exception("session %s: attaching the agent failed", session.session_id)
             self.finish("internal_error", "attaching the agent failed", "error")

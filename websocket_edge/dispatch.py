@@ -308,22 +308,6 @@ class AgentHub:
                 await asyncio.gather(*sends)
 
     # ---- dispatch ---------------------------------------------------------------------------------------
-    async def attach(self, session: Any, agent_id: str | None = None, within_s: float | None = None) -> bool:
-        """Give `session` (a started PipelineSession) an agent, or make it apologise and end. The one call
-        transports need: True if a runner took the session."""
-        try:
-            link = await self.dispatch(session, agent_id, within_s)
-        except NoAgentAvailable as exc:
-            self.counters[f"no_agent_{exc.reason}"] += 1
-            if not _session_over(session):
-                await session.no_agent(exc.reason)
-            return False
-        if _session_over(session):
-            await link.close("session_ended")
-            return False
-        await session.attach_agent(link)
-        return True
-
     async def dispatch(self, session: Any, agent_id: str | None = None,
                        within_s: float | None = None) -> BridgeLink:
         """An `AgentLink` to a runner of `agent_id` (default: the session's) that accepted the session and

@@ -38,12 +38,13 @@ from prometheus_client.exposition import choose_encoder
 
 from speechpipe.errors import Code
 from speechpipe.pipeline import events as ev
+from speechpipe.protocol import Direction
 from speechpipe.websocket_edge.keys import CLIENT_EDGE_KEY, HUB_KEY, SIP_HEALTH_KEY
 
 log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
-DIRECTIONS = ("web", "inbound_phone")
+LIVE_DIRECTIONS: tuple[Direction, ...] = ("web", "inbound_phone")  # what the transports run today
 # The events /metrics counts; the only ones a worker forwards.
 COUNTED = ev.METERED
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -118,7 +119,7 @@ class Telemetry:
         self.tts_compute = Histogram("speechpipe_tts_compute_seconds", "TTS time per sentence (waits for "
                                      "buffer space excluded)", d, buckets=FAST_BUCKETS, registry=r)
         self.tts_audio = Counter("speechpipe_tts_audio_seconds", "Audio synthesized", d, registry=r)
-        for direction in DIRECTIONS:  # every series exists from the start, so rate() sees the first one
+        for direction in LIVE_DIRECTIONS:  # every series exists from the start, so rate() sees the first one
             for family in (self.sessions_live, self.sessions_started, self.interrupted, self.barge_ins,
                            self.response_latency, self.barge_in_reaction, self.stt_final, self.stt_compute,
                            self.stt_audio, self.tts_first_audio, self.tts_compute, self.tts_audio):
@@ -150,7 +151,7 @@ class Telemetry:
                source: object | None = None) -> None:
         """One session event as JSON (`Event.to_json()`), local or forwarded by a worker (`source`)."""
         kind = event.get("type")
-        d = direction if direction in DIRECTIONS else "other"
+        d = direction if direction in LIVE_DIRECTIONS else "other"
         if kind == ev.SessionStarted.type:
             if session_id not in self._live:
                 self._live[session_id] = (d, source)
