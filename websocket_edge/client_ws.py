@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from speechpipe import logs
 from speechpipe.errors import WS_CLOSE_CODE_BY_CODE, Code, SpeechPipeError
@@ -85,6 +85,16 @@ class EdgeLimits:
         values = {f.name: getattr(settings, f"ws_{f.name}") for f in fields(cls)
                   if getattr(settings, f"ws_{f.name}", None) is not None}
         return cls(**values)
+
+
+class _ClientSocket(web.WebSocketResponse):
+    """aiohttp closes a frame past `max_msg_size` itself (1009, no reason) before the edge sees it; this
+    gives that close the edge's reason, as a frame between the edge's limit and aiohttp's gets."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = close_reason("frame_too_big", f"a frame over {self._max_msg_size} bytes")
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class Refused(Exception):
@@ -190,7 +200,7 @@ class Connection:
         self.request = request
         self.limits = edge.limits
         lim = self.limits
-        self.ws = web.WebSocketResponse(
+        self.ws = _ClientSocket(
             compress=False,  # PCM does not deflate; compression would only burn CPU
             max_msg_size=max(4 * max(lim.max_frame_bytes, lim.max_text_bytes), 256 * 1024),
             timeout=lim.close_timeout_s, autoping=True)
@@ -375,7 +385,8 @@ class Connection:
                 self.finish("client_closed", "", "client_closed")
                 return
             if msg.type is WSMsgType.ERROR:
-                name = "frame_too_big" if self.ws.close_code == 1009 else "client_closed"
+                too_big = WSCloseCode.MESSAGE_TOO_BIG in (self.ws.close_code, getattr(msg.data, "code", None))
+                name = "frame_too_big" if too_big else "client_closed"
                 self.finish(name, str(msg.data or ""), name)
                 return
             if not self._take_token():
