@@ -34,6 +34,7 @@ from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.storage import AsyncStore, Store
 from speechpipe.websocket_edge.agent_channel import AgentHub, setup_agent_channel
+from speechpipe.websocket_edge.metrics import setup_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "agent_probe.py"
@@ -315,6 +316,7 @@ async def agent_channel(sqlite_store: Store, agent_engines: Engines, tmp_path: P
         hub = AgentHub(astore, **options)
         app = web.Application()
         setup_agent_channel(app, hub)
+        setup_metrics(app)
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -530,6 +530,13 @@ async def test_a_runner_that_never_acks_leaves_the_rotation_until_it_beats(agent
             assert ch.hub.counters["acks_timed_out"] == n + 1
         assert ch.hub.counters["runners_out_of_rotation"] == 1
         assert ch.runner_info("raw-1")["in_rotation"] is False
+        async with http.get(ch.url + "/metrics") as resp:  # each runner's ack record, as operators see it
+            scraped = await resp.text()
+        labels = f'{{agent_id="probe",runner_id="{ch.runner_info("raw-1")["runner_id"]}"}}'
+        for line in (f"speechpipe_agent_runner_ack_timeouts_total{labels} 2.0",
+                     f"speechpipe_agent_runner_acks_total{labels} 0.0",
+                     f"speechpipe_agent_runner_in_rotation{labels} 0.0"):
+            assert line in scraped, (line, [s for s in scraped.splitlines() if "runner_" in s])
         assert ch.hub.stats()["agents"]["probe"]["capacity"] == 4  # only the healthy runner's slots
         calls.append(await ch.call())  # straight to the healthy runner: no offer to mute, no timeout
         assert calls[-1].attached

@@ -66,6 +66,9 @@ class RunnerConn:
     missed_acks: int = 0  # offers in a row it did not ack in time; an ack or a heartbeat resets it
     out_of_rotation: bool = False  # too many missed acks: no offers until it proves alive
     assigned_total: int = 0
+    acks_total: int = 0  # offers it answered in time (accepted or not)
+    ack_timeouts_total: int = 0
+    acks_late_total: int = 0
     node: str | None = None  # set on a stand-in for the runners of another node
 
     @property
@@ -77,7 +80,9 @@ class RunnerConn:
         return {"runner_id": self.runner_id, "worker_id": self.worker_id, "agent_id": self.agent_id,
                 "capacity": self.capacity, "load": self.load, "draining": self.draining, "alive": self.alive,
                 "pid": self.pid, "sdk": self.sdk, "assigned_total": self.assigned_total,
-                "missed_acks": self.missed_acks, "in_rotation": not self.out_of_rotation}
+                "missed_acks": self.missed_acks, "in_rotation": not self.out_of_rotation,
+                "acks_total": self.acks_total, "ack_timeouts_total": self.ack_timeouts_total,
+                "acks_late_total": self.acks_late_total}
 
 
 @dataclass(eq=False)
@@ -225,6 +230,7 @@ class AgentHub:
         if job is None or job.runner is not runner:
             if self._expired.get(job_id) is runner:
                 self.counters["acks_late"] += 1
+                runner.acks_late_total += 1
                 if frame["accepted"]:  # too late: tell the runner to drop it (the token is dead already)
                     return {"type": p.JOB_CANCEL, "job_id": job_id, "reason": "ack_late"}
                 return None
@@ -232,6 +238,7 @@ class AgentHub:
         if job.ack.done():
             return p.error_frame(p.Codes.OUT_OF_ORDER, f"job {job_id} was already acknowledged")
         job.ack.set_result((frame["accepted"], frame.get("reason")))
+        runner.acks_total += 1
         return None
 
     def _proved_alive(self, runner: RunnerConn) -> None:
@@ -244,6 +251,7 @@ class AgentHub:
 
     def _missed_ack(self, runner: RunnerConn) -> None:
         runner.missed_acks += 1
+        runner.ack_timeouts_total += 1
         self.counters["acks_timed_out"] += 1
         if runner.missed_acks >= self.out_of_rotation_after and not runner.out_of_rotation:
             runner.out_of_rotation = True

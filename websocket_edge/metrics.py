@@ -249,11 +249,7 @@ class _StateCollector:
         counters = dict(hub.counters) if hub is not None else {}
         failures = CounterMetricFamily("speechpipe_dispatch_failures", "Sessions no agent took, by reason",
                                        labels=["reason"])
-        merged = collections.Counter(self.telemetry.dispatch_failures)
-        for key, n in counters.items():
-            if key.startswith("no_agent_"):  # AgentHub.attach's own count
-                merged[key.removeprefix("no_agent_")] += n
-        for reason, n in sorted(merged.items()):
+        for reason, n in sorted(self.telemetry.dispatch_failures.items()):
             failures.add_metric([reason], n)
         yield failures
         if hub is None:
@@ -261,9 +257,9 @@ class _StateCollector:
         events = CounterMetricFamily("speechpipe_agent_hub_events", "AgentHub counters (dispatched, "
                                      "jobs_offered, acks_timed_out, runners_lost_*, ...)", labels=["event"])
         for key, n in sorted(counters.items())[:200]:
-            if not key.startswith("no_agent_"):
-                events.add_metric([key[:64]], n)
+            events.add_metric([key[:64]], n)
         yield events
+        yield from _per_runner(hub.runners())
         stats = hub.stats()
         yield GaugeMetricFamily("speechpipe_agent_runners_connected", "Runners connected",
                                 value=stats.get("runners", 0))
@@ -354,3 +350,23 @@ async def relay_telemetry(request: web.Request, ws: web.WebSocketResponse) -> we
             telemetry.source_lost(source)
         await ws.close()
     return ws
+
+
+def _per_runner(runners: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Each connected runner's offer answers: a runner that stops acking shows here before callers wait."""
+    labels = ["runner_id", "agent_id"]
+    acks = CounterMetricFamily("speechpipe_agent_runner_acks", "Offers a runner answered in time",
+                               labels=labels)
+    timeouts = CounterMetricFamily("speechpipe_agent_runner_ack_timeouts", "Offers a runner left unanswered "
+                                   "past the ack deadline", labels=labels)
+    late = CounterMetricFamily("speechpipe_agent_runner_acks_late", "Acks that came after the deadline",
+                               labels=labels)
+    rotation = GaugeMetricFamily("speechpipe_agent_runner_in_rotation", "1 if the runner gets offers, 0 "
+                                 "while missed acks keep it out", labels=labels)
+    for r in runners[:500]:
+        key = [str(r["runner_id"]), str(r["agent_id"])]
+        acks.add_metric(key, r.get("acks_total", 0))
+        timeouts.add_metric(key, r.get("ack_timeouts_total", 0))
+        late.add_metric(key, r.get("acks_late_total", 0))
+        rotation.add_metric(key, 1 if r.get("in_rotation", True) else 0)
+    yield from (acks, timeouts, late, rotation)
