@@ -16,6 +16,7 @@ from speechpipe.pipeline.stt.whisper import (
     WhisperEngine,
     _Pass,
     compression_ratio,
+    echoed_text,
     find_repeats,
     repeated_tail,
 )
@@ -41,6 +42,14 @@ def test_find_repeats_names_what_it_removed() -> None:
                         hit_cap=False)[1] == ""
     # Only a sentence end may precede a restart: one long sentence repeating an opening word pair stays.
     assert repeated_tail("I want the red one not the blue one.") == ""
+
+
+def test_echoed_text_is_a_whole_text_said_over() -> None:
+    assert echoed_text("Goodbye! Goodbye!") == "Goodbye!"
+    assert echoed_text("Good bye. Good bye.") == "Good bye."
+    assert echoed_text("Hold on, hold on, hold on.") == "Hold on,"
+    for once in ["Goodbye.", "Thank you, thank you very much.", "My number is 5 5 5 1 2 1 2", ""]:
+        assert echoed_text(once) == "", once
 
 
 def _fake_passes(short: tuple[str, float, float], full: tuple[str, float, float] | None,
@@ -75,6 +84,11 @@ def audio() -> np.ndarray:
         # Digits read out look like a repeated tail in both passes: the likelier (short) one stays.
         (("My number is 5 5 5 1 2 1 2", -0.39, 0.1), ("My number is 5 5 5 1 2 1 2 1", -0.42, 0.1),
          "My number is 5 5 5 1 2 1 2", "repeat", "short+full", "tail"),
+        # A one-phrase turn decoded as the phrase twice (tiny.en on the AVX kernel, 7 s window): the full
+        # pass, which hears it once, is kept.
+        (("Goodbye! Goodbye!", -0.68, 0.12), ("Goodbye.", -0.35, 0.09), "Goodbye.", "repeat", "full", ""),
+        # Said twice and heard twice by both passes: the echo stays, as said.
+        (("No, no.", -0.3, 0.1), ("No, no.", -0.4, 0.1), "No, no.", "repeat", "short+full", "echo"),
         # A full pass that hears no speech never replaces the speech the short pass heard.
         ((f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04), ("you", -0.9, 0.95),
          DIALED, "repeat", "short+full", "restart"),

@@ -34,17 +34,17 @@ above 0.8, or above 0.6 with average log-probability below -1 (faster-whisper's 
 phrases on weak evidence.
 
 Second pass. When the first pass's raw text has Whisper's compression ratio above 2.4, or a repeat the guard
-removed, or a cut-off repeated tail (`repeated_tail`), the audio is decoded again over the 30 s window and
-the pass without a repeat is kept, then the one inside Whisper's thresholds, then the likelier (higher
-average log-probability); `DecodeInfo.fallback` says why it ran and `.path` which pass was kept. It ran on
-0-2 of the 108 decodes of the dev set and the test sentences (every CTranslate2 kernel: AVX512, AVX2, AVX,
-GENERIC); on the dev set with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB (unintelligible to
-tiny.en: WER > 1). On 17 decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass lowered the
-summed WER from 17.0 to 15.4. Whisper's other trigger, average log-probability below -1, is not
+removed, or a cut-off repeated tail (`repeated_tail`), or a text that is one phrase said over again
+(`echoed_text`: "Goodbye! Goodbye!" from a one-word turn on one CPU kernel), the audio is decoded again over
+the 30 s window and the pass without a repeat is kept, then the one inside Whisper's thresholds, then the
+likelier (higher average log-probability); `DecodeInfo.fallback` says why it ran and `.path` which pass was
+kept. It ran on 0-2 of the 108 decodes of the dev set and the test sentences (every CTranslate2 kernel:
+AVX512, AVX2, AVX, GENERIC); on the dev set with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB
+(unintelligible to tiny.en: WER > 1). On 17 decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass
+lowered the summed WER from 17.0 to 15.4. Whisper's other trigger, average log-probability below -1, is not
 used: on the 19 noisy or very fast decodes it flagged, the 30 s pass was better in 8 and worse in 9 (summed
-WER 21.1 -> 21.6), and temperature sampling (faster-whisper's fallback) was no steadier while costing up to
-25 samples and answering differently on each run.
-"""
+WER 21.1 -> 21.6), and temperature sampling (faster-whisper's fallback) was no steadier while costing up to 25
+samples and answering differently on each run. """
 
 from __future__ import annotations
 
@@ -201,6 +201,21 @@ def repeated_tail(text: str) -> str:
     return ""
 
 
+def echoed_text(text: str) -> str:
+    """A text that is one block of words said two or more times over and nothing else ("Goodbye! Goodbye!"):
+    the loop a short window gives on a one-phrase turn. Returns the block, or "".
+
+    Only a suspicion, like `repeated_tail`: "No, no." is said too. Measured on "goodbye" (espeak, μ-law, the
+    AVX kernel): the 7 s window gives "Goodbye! Goodbye!" (log-prob -0.68), the 30 s window "Goodbye."
+    (-0.35), so the second pass decides and the decode a person would give wins.
+    """
+    norm = [w for w in (_norm_word(w) for w in text.split()) if w]
+    for p in range(1, len(norm) // 2 + 1):
+        if len(norm) % p == 0 and norm == norm[:p] * (len(norm) // p):
+            return " ".join(text.split()[:p])
+    return ""
+
+
 def compression_ratio(text: str) -> float:
     """Whisper's loop detector (openai-whisper and faster-whisper alike): UTF-8 bytes over zlib-compressed
     bytes. Above 2.4 the text is mostly repetition."""
@@ -235,7 +250,8 @@ class DecodeInfo:
     encode_s: float = 0.0
     decode_s: float = 0.0
     compression_ratio: float = 0.0  # Whisper's: UTF-8 length over zlib-compressed length of raw_text
-    repeat: str = ""  # "loop" or "restart" removed by the guard, "tail" suspected and kept, "" for none
+    # "loop" or "restart" removed by the guard, "tail" or "echo" suspected and kept, "" for none
+    repeat: str = ""
     fallback: str = ""  # why a second pass ran: "compression" or "repeat"; "" when none did
     # "short": one pass; "short+full": a 30 s pass ran and the short one was kept; "full": the 30 s one was.
     path: str = "short"
@@ -371,7 +387,8 @@ class WhisperEngine(STTEngine):
             return "", "junk", ""  # punctuation only (". .")
         if norm in _JUNK and (nsp > 0.4 or avg_logprob < _LOGPROB_FLOOR or voiced_s < 0.15):
             return "", "junk", ""
-        return text, "ok", removed or ("tail" if repeated_tail(text) else "")
+        suspect = "tail" if repeated_tail(text) else "echo" if echoed_text(text) else ""
+        return text, "ok", removed or suspect
 
     @staticmethod
     def _failure(p: _Pass, reason: str, repeat: str) -> str:
