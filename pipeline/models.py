@@ -19,6 +19,7 @@ SPEECHPIPE_WHISPER_PARTIAL_S (seconds of new audio between whisper partial decod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -89,7 +90,11 @@ def loaded_models() -> list[LoadedModel]:
 def _as_path(model: str) -> Path | None:
     """`model` as a directory path, when it is one (or is written like one); None for a model name."""
     path = Path(model).expanduser()
-    if path.is_dir() or model.startswith(("/", "~", ".")):
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a directory
+        is_dir = False
+    if is_dir or model.startswith(("/", "~", ".")):
         return path
     return None
 
@@ -98,8 +103,9 @@ def _under_models_dir(engine: str, name: str) -> Path | None:
     safe = name.replace("/", "--")  # a Hub id "org/repo" is stored as org--repo
     root = models_dir()
     for cand in (root / engine / safe, root / safe):
-        if _is_model_dir(engine, cand):
-            return cand
+        with contextlib.suppress(OSError, ValueError):  # a name no file system takes is not there
+            if _is_model_dir(engine, cand):
+                return cand
     return None
 
 
@@ -111,12 +117,26 @@ def _is_model_dir(engine: str, path: Path) -> bool:
 
 def _explicit_dir(engine: str, model: str) -> Path:
     path = Path(model).expanduser()
-    if not _is_model_dir(engine, path):
+    try:
+        found = _is_model_dir(engine, path)
+    except (OSError, ValueError):
+        found = False
+    if not found:
         what = "am/ (a Vosk model)"
         if engine == "whisper":
             what = "model.bin and config.json (a CTranslate2 Whisper model)"
         raise ModelUnavailable(f"{engine} model directory {path} does not exist or does not contain {what}")
     return path
+
+
+def check_model(engine: str, model: str | None, language: str) -> None:
+    """Raise ModelUnavailable unless `model` resolves for `engine`, without loading it: a directory that
+    holds a model, one under the models dir, or a name the engine can fetch (fetching is left to the
+    first session)."""
+    if engine == "whisper":
+        _resolve_whisper(model)
+    else:
+        _resolve_vosk(model, language)
 
 
 def _resolve_and_load(engine: str, model: str | None, language: str) -> STTEngine:

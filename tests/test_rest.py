@@ -64,6 +64,38 @@ async def test_pipe_lifecycle(http: aiohttp.ClientSession, live_server: LiveServ
     assert_error(status, body, 404, "pipe_not_found")
 
 
+@pytest.mark.parametrize(("config", "field"), [
+    ({"stt": {"model": "no-such-model"}}, ["config", "stt", "model"]),
+    ({"stt": {"engine": "whisper", "model": "/nonexistent/whisper-model"}}, ["config", "stt", "model"]),
+    ({"tts": {"voice": "zz-nonexist"}}, ["config", "tts", "voice"]),
+    ({"tts": {"voice": "en-us+nosuchvariant"}}, ["config", "tts", "voice"]),
+], ids=["stt-name", "stt-dir", "tts-voice", "tts-variant"])
+async def test_a_config_this_server_cannot_run_is_refused_422_naming_the_field(
+        http: aiohttp.ClientSession, live_server: LiveServer, config: dict[str, Any],
+        field: list[str]) -> None:
+    """On create and on update: a pipe that would only fail (or go mute) at its first session is refused
+    when it is written, with the setting named; the stored pipe is unchanged."""
+    status, body, _ = await call(http, live_server, "POST", "/v1/pipes",
+                                 json={"config": {"agent_id": "cannot-run", **config}})
+    assert_error(status, body, 422, "validation_error")
+    assert [d["loc"] for d in body["error"]["details"]] == [field], body
+    assert ".".join(field) in body["error"]["message"]
+
+    status, pipe, _ = await call(http, live_server, "POST", "/v1/pipes",
+                                 json={"config": {"agent_id": "can-run"}})
+    assert status == 201
+    status, body, _ = await call(http, live_server, "PATCH", f"/v1/pipes/{pipe['id']}",
+                                 json={"config": config})
+    assert_error(status, body, 422, "validation_error")
+    assert [d["loc"] for d in body["error"]["details"]] == [field], body
+    status, got, _ = await call(http, live_server, "GET", f"/v1/pipes/{pipe['id']}")
+    assert got["config"] == pipe["config"]
+    # What this machine has is accepted: another installed voice, the packaged model by name.
+    status, ok, _ = await call(http, live_server, "PATCH", f"/v1/pipes/{pipe['id']}",
+                               json={"config": {"tts": {"voice": "en-gb+f3"}, "stt": {"model": "tiny.en"}}})
+    assert status == 200 and ok["config"]["tts"]["voice"] == "en-gb+f3", ok
+
+
 async def test_token_minting(http: aiohttp.ClientSession, live_server: LiveServer) -> None:
     pid = live_server.store.create_pipe({"agent_id": "rest-bot"}).id
     status, tok, _ = await call(http, live_server, "POST", "/v1/sessions/tokens",

@@ -8,6 +8,7 @@ the pydantic models of `websocket_edge.openapi`, then call the `AsyncStore`. The
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -27,9 +28,11 @@ from speechpipe.errors import (
     RateLimitError,
     ValidationError,
 )
+from speechpipe.pipe_config import PipeConfig
+from speechpipe.pipeline.config_check import config_problems
 from speechpipe.storage import records
 from speechpipe.storage.credentials import is_id_shaped
-from speechpipe.storage.store import UNSET, check_storable, pydantic_details
+from speechpipe.storage.store import UNSET, check_storable, merge_patch, pydantic_details
 from speechpipe.websocket_edge import openapi as api
 from speechpipe.websocket_edge.keys import DEMO_KEY, SETTINGS_KEY, SIP_HEALTH_KEY, STORE_KEY
 
@@ -190,9 +193,19 @@ async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI_KEY])
 
 
+async def _check_runnable(config: PipeConfig) -> None:
+    """422 naming each setting this machine cannot run (unknown STT model, voice espeak-ng lacks), so a
+    pipe is refused when it is written, not at its first session."""
+    problems = await asyncio.get_running_loop().run_in_executor(None, config_problems, config)
+    if problems:
+        fields = ", ".join(".".join(map(str, p["loc"])) for p in problems)
+        raise ValidationError(f"this server cannot run {fields}", details=problems)
+
+
 async def create_pipe(request: web.Request) -> web.Response:
     await authenticate(request)
     body = await read_json(request, api.PipeCreate)
+    await _check_runnable(body.config)
     pipe = await request.app[STORE_KEY].create_pipe(body.config, name=body.name)
     return _json(_pipe_out(pipe), status=201)
 
@@ -218,6 +231,14 @@ async def update_pipe(request: web.Request) -> web.Response:
     fields = body.model_fields_set
     if not fields & {"name", "config"}:
         return _json(_pipe_out(await store.get_pipe(pipe_id)))
+    if body.config is not None:
+        merged = merge_patch((await store.get_pipe(pipe_id)).config, body.config)
+        try:
+            config = PipeConfig.model_validate(merged)
+        except pydantic.ValidationError:
+            pass  # the store's own validation answers with the schema's errors
+        else:
+            await _check_runnable(config)
     pipe = await store.update_pipe(pipe_id, name=body.name if "name" in fields else UNSET,
                                    config_patch=body.config if "config" in fields else None)
     return _json(_pipe_out(pipe))
