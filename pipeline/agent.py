@@ -16,6 +16,7 @@ from typing import Any
 
 # The message names are the agent channel's wire vocabulary, defined once in its protocol module.
 from speechpipe.protocol import (
+    AGENT_ERROR,
     AGENT_SPEECH_DONE,
     CALL_ENDED,
     CALL_STARTED,
@@ -40,6 +41,7 @@ from speechpipe.protocol import (
 Message = dict[str, Any]
 
 __all__ = [
+    "AGENT_ERROR",
     "AGENT_SPEECH_DONE",
     "CALL_ENDED",
     "CALL_STARTED",

@@ -126,5 +126,15 @@ class Error(Event):
     message: str
 
 
+@dataclass
+class AgentError(Error):
+    """An `error` with code `agent_error`: the agent failed on its side. `agent_code` is the agent's own
+    code (`hook_failed`, `reply_failed`, `dialog_failed`, `entrypoint_failed`…), `seq` the user turn it
+    concerns (None: not one turn). The agent's own message is logged, not sent to the client."""
+
+    seq: int | None = None
+    agent_code: str = ""
+
+
 # The events /metrics counts; a media worker forwards exactly these to serve (telephony.relay_client).
 METERED = (SessionStarted, UserTurn, UserNonTurn, AgentSpeechDone, BargeIn, Metric, SessionEnded)

@@ -118,6 +118,7 @@ class PipelineSession:
         self.end_reason: str | None = None
         self.metrics: dict[str, list[float]] = collections.defaultdict(list)
         self.counts: collections.Counter[str] = collections.Counter()  # turns, interruptions (stored at end)
+        self._apologised: set[int] = set()  # user turns the agent_error_message was spoken for
 
     # ---- wiring ------------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[ev.Event], None]) -> None:
@@ -619,9 +620,30 @@ class PipelineSession:
                 self.recorder.pause()
             case msg.RECORDING_RESUME if self.recorder:
                 self.recorder.resume()
+            case msg.AGENT_ERROR:
+                self._on_agent_error(str(m.get("code") or "agent_error"), str(m.get("message") or ""),
+                                     m.get("turn_id"))
             case kind:  # also recording control when this session does not record
                 await self._to_agent({"type": msg.ERROR, "code": "unsupported",
                                       "message": f"message type {kind!r} is not supported here"})
+
+    def _on_agent_error(self, code: str, message: str, turn_id: Any) -> None:
+        """The agent failed on its side: log it, tell the client, and apologise once for the user turn it
+        concerns (a failure not about one turn counts against the latest turn), unless the user has moved
+        on to a later turn or the call is ending. The agent's message goes to the log only."""
+        turn_id = turn_id if isinstance(turn_id, int) and not isinstance(turn_id, bool) else None
+        latest = self._last_user.seq if self._last_user is not None else 0
+        key = latest if turn_id is None else turn_id
+        apology = self.config.agent_error_message.strip()
+        speak = (bool(apology) and key not in self._apologised and key >= latest
+                 and not self._end_after_speech and not self.ended.is_set())
+        log.warning("session %s: agent error %s on turn %s: %s%s", self.session_id, code,
+                    turn_id if turn_id is not None else "-", message[:300] or "(no message)",
+                    "; apologising" if speak else "")
+        self._emit(ev.AgentError("agent_error", f"the agent failed on its side ({code})", turn_id, code))
+        if speak:
+            self._apologised.add(key)
+            self._say(apology)
 
     def _on_text_delta(self, turn_id: int, text: str) -> None:
         handle = self._reply_for(turn_id)

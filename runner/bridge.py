@@ -98,6 +98,8 @@ class BridgeClient:
         """Send one verb. While the bridge is down it is kept and sent after the redial."""
         if self.closed:
             return
+        if frame["type"] == p.AGENT_ERROR and p.AGENT_ERROR not in self.server_verbs:
+            return  # a platform older than agent.error would only answer unknown_type
         async with self._lock:
             stamped = self.outbox.stamp(frame)
             ws = self.ws

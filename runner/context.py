@@ -6,6 +6,14 @@ entrypoint. `Session` carries the controls (`say`, `interrupt`, `transfer`, `end
 `run()`, which serves the call until it ends. Hooks are isolated: one that raises is logged, counted, and
 reported to the `error` hooks; the call goes on.
 
+Failures the caller would otherwise meet as dead air are also reported to the platform (`agent.error`, a
+stable code and a one-line message, never a stack trace), which tells the client and speaks the pipe's
+apology once per user turn: a user turn left unanswered because its `user_turn` hook raised
+(`hook_failed`), a reply or DialogMachine step that raised (`reply_failed`, `dialog_failed`), a
+`call_start`, `dtmf` or `silence` hook that raised (`hook_failed`), and the entrypoint raising
+(`entrypoint_failed`). Hooks that only observe (`user_partial`, `agent_turn`, `interruption`, `metric`,
+`call_end`, `error`) stay local. `session.report_error()` sends one from the agent's own code.
+
 Hooks and what they receive (one argument each):
   call_start(ctx)  user_partial(text)  user_turn(UserTurn)  agent_turn(AgentTurn)  interruption(Interruption)
   dtmf(digit)  silence(seconds)  metric(Metric)  call_end(reason)  error(ChannelError)
@@ -33,6 +41,16 @@ log = logging.getLogger(__name__)
 
 HOOKS = ("call_start", "user_partial", "user_turn", "agent_turn", "interruption", "dtmf", "silence", "metric",
          "call_end", "error")
+# Hooks whose failure the platform hears of (`agent.error`): they act for the caller. `user_turn` is reported
+# by the turn's answer, only when the turn is left without one.
+REPORTED_HOOKS = frozenset({"call_start", "dtmf", "silence"})
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, short: what `agent.error` carries (no stack trace)."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line[:200]
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ class Session:
         self._ended = asyncio.Event()
         self._running = False
         self._ending = False
+        self.setup_error: str | None = None  # set when the entrypoint raised (the runner does it)
 
     # ---- hooks --------------------------------------------------------------------------------------------
     def on(self, event: str, handler: Callable[..., Any] | None = None) -> Any:
@@ -128,7 +147,17 @@ class Session:
 
     async def _fire(self, event: str, arg: Any) -> list[Any]:
         """Run the hooks for `event`; a raising hook is logged and reported, the others still run."""
-        results = []
+        results, failures = await self._run_hooks(event, arg)
+        if failures and event in REPORTED_HOOKS:
+            await self.report_error(p.AgentErrorCodes.HOOK_FAILED,
+                                    f"{event} hook raised {describe(failures[0])}")
+        return results
+
+    async def _run_hooks(self, event: str, arg: Any) -> tuple[list[Any], list[Exception]]:
+        """The hooks' results, and what the ones that raised raised (each logged, counted, and given to the
+        `error` hooks)."""
+        results: list[Any] = []
+        failures: list[Exception] = []
         for fn in list(self._hooks[event]):
             try:
                 result = fn(arg)
@@ -139,12 +168,13 @@ class Session:
                 raise
             except Exception as exc:
                 self.stats["hook_errors"] += 1
+                failures.append(exc)
                 log.exception("session %s: %s hook %s raised; the call goes on", self.session_id, event,
                               getattr(fn, "__qualname__", fn))
                 if event != "error":
                     await self._fire("error", ChannelError("hook_failed", f"{event} hook raised "
                                                            f"{type(exc).__name__}: {exc}", {"hook": event}))
-        return results
+        return results, failures
 
     @property
     def session_id(self) -> str | None:
@@ -182,6 +212,20 @@ class Session:
         frame: dict[str, Any] = {"type": p.DISPATCH, "agent_id": agent_id}
         if data is not None:
             frame["data"] = data
+        await self._send(frame)
+
+    async def report_error(self, code: str, message: str = "", turn_id: int | None = None) -> None:
+        """Tell the platform this agent failed (`agent.error`): it tells the client and apologises to the
+        caller, at most once per user turn (the pipe's `agent_error_message`); the call goes on. `code` is
+        short and stable (lowercase, digits, `_.-`), `message` one line for the server's log; `turn_id` the
+        user turn left unanswered, if any. The SDK calls this itself for the failures it catches."""
+        if not p.AGENT_ERROR_CODE_RE.match(code):
+            raise ValueError(f"agent error code must match {p.AGENT_ERROR_CODE_RE.pattern}, got {code!r}")
+        frame: dict[str, Any] = {"type": p.AGENT_ERROR, "code": code,
+                                 "message": " ".join(str(message).split())[:p.AGENT_ERROR_MESSAGE_CHARS]}
+        if turn_id is not None:
+            frame["turn_id"] = int(turn_id)
+        self.stats["errors_reported"] += 1
         await self._send(frame)
 
     async def reply(self, turn_id: int, reply: Reply | Awaitable[Reply]) -> str:
@@ -314,7 +358,8 @@ class Session:
 
     async def _answer(self, turn: UserTurn) -> None:
         reply: Any = None
-        for result in await self._fire("user_turn", turn):
+        results, failures = await self._run_hooks("user_turn", turn)
+        for result in results:
             if result is not None:
                 reply = result
                 break
@@ -330,6 +375,19 @@ class Session:
             log.exception("session %s: reply to turn %d failed", self.session_id, turn.turn_id)
             await self._fire("error", ChannelError("reply_failed", f"{type(exc).__name__}: {exc}",
                                                    {"turn_id": turn.turn_id}))
+            await self.report_error(p.AgentErrorCodes.REPLY_FAILED, f"reply raised {describe(exc)}",
+                                    turn.turn_id)
+            return
+        if reply is not None or self._ending:
+            return
+        if failures:  # the turn is left unanswered because a hook raised
+            await self.report_error(p.AgentErrorCodes.HOOK_FAILED,
+                                    f"user_turn hook raised {describe(failures[0])}", turn.turn_id)
+        elif self.setup_error is not None and not self._hooks["user_turn"]:
+            # handle_call raised before anything that could answer was set up
+            await self.report_error(p.AgentErrorCodes.ENTRYPOINT_FAILED,
+                                    f"nothing answers user turns: handle_call raised {self.setup_error}",
+                                    turn.turn_id)
 
     async def _dialog(self, step: Awaitable[DialogReply | None], turn_id: int | None = None) -> None:
         """Speak a DialogMachine step (as the reply to `turn_id`, or as a `say`) and apply its action."""
@@ -350,6 +408,8 @@ class Session:
             if turn_id is not None:
                 await self._send({"type": p.TEXT_END, "turn_id": turn_id})
             await self._fire("error", ChannelError("dialog_failed", f"{type(exc).__name__}: {exc}"))
+            await self.report_error(p.AgentErrorCodes.DIALOG_FAILED, f"dialog step raised {describe(exc)}",
+                                    turn_id)
             return
         if result.transfer is not None:
             await self.transfer(*result.transfer)

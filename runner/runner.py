@@ -36,7 +36,7 @@ from speechpipe import logs
 from speechpipe import protocol as p
 
 from .bridge import SDK, BridgeClient, BridgeFailed
-from .context import CallContext, Session
+from .context import CallContext, Session, describe
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,8 @@ class AgentRunner:
             "jobs_cancelled": c["jobs_cancelled"], "calls_started": c["calls_started"],
             "calls_completed": c["calls_completed"], "calls_failed": c["calls_failed"],
             "calls_ended_by_shutdown": c["calls_ended_by_shutdown"], "hook_errors": c["hook_errors"],
-            "reply_errors": c["reply_errors"], "reconnects": c["reconnects"],
+            "reply_errors": c["reply_errors"], "errors_reported": c["errors_reported"],
+            "reconnects": c["reconnects"],
             "bridge_redials": c["bridge_redials"], "frames_in": c["frames_in"], "frames_out": c["frames_out"],
             "protocol_errors": c["protocol_errors"], "heartbeats_sent": c["heartbeats_sent"],
             "uptime_s": round(time.monotonic() - self._started_at, 3),
@@ -465,11 +466,15 @@ class AgentRunner:
                 await self.entrypoint(ctx)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                # The entrypoint is user code like a hook: log it; the call goes on with what it set up.
+            except Exception as exc:
+                # The entrypoint is user code like a hook: log it, tell the platform (the caller hears an
+                # apology, not silence); the call goes on with what it set up.
                 self.counters["hook_errors"] += 1
                 log.exception("runner %s: entrypoint raised for %s; serving the call anyway", self.worker_id,
                               ctx.session_id)
+                session.setup_error = describe(exc)
+                await session.report_error(p.AgentErrorCodes.ENTRYPOINT_FAILED,
+                                           f"handle_call raised {session.setup_error}")
             if not session.ended:
                 await session.run()
             outcome = "calls_completed" if session.end_reason != "bridge_lost" else "calls_failed"

@@ -88,6 +88,11 @@ class PipeConfig(_Strict):
     no_agent_message: str = Field(
         "Sorry, no agent is available right now. Please try again later.", max_length=1000
     )
+    # Spoken when the agent reports a failure on its side (`agent.error`: a hook raised, its LLM is down),
+    # at most once per user turn; the call goes on. "" = say nothing (the client still gets an `error`).
+    agent_error_message: str = Field(
+        "Sorry, something went wrong on my side. Could you say that again?", max_length=1000
+    )
     # Tell the agent (`silence` event) when neither side has spoken for this long; None = never.
     silence_timeout_s: float | None = Field(None, ge=0.5, le=3600)
     # SIP transfer targets the agent may REFER a phone caller to (exact URIs or user parts).

@@ -29,6 +29,7 @@ PROTOCOL_VERSION: Final = 1
 # How a session reached the platform: `ctx.direction` for the agent, `sessions.direction` in SQL.
 Direction = Literal["web", "inbound_phone", "outbound_phone"]
 DIRECTIONS: Final[tuple[Direction, ...]] = get_args(Direction)
+
 MAX_FRAME_BYTES: Final = 64 * 1024
 MAX_TEXT_CHARS: Final = 16 * 1024
 MAX_METADATA_BYTES: Final = 16 * 1024
@@ -68,11 +69,15 @@ END_CALL = "agent.end_call"
 DISPATCH = "agent.dispatch"
 RECORDING_PAUSE = "recording.pause"
 RECORDING_RESUME = "recording.resume"
+# The agent failed on its side (a hook or the entrypoint raised, a reply stream broke): a stable `code`,
+# a short `message` (no stack trace), the user `turn_id` it concerns if any. The platform tells the client
+# and speaks the pipe's `agent_error_message`, at most once per user turn; the call goes on.
+AGENT_ERROR = "agent.error"
 
 PLATFORM_EVENTS: Final = (CALL_STARTED, USER_PARTIAL, USER_TEXT, USER_INTERRUPTED, AGENT_SPEECH_DONE, DTMF,
                           SILENCE, METRIC, CALL_ENDED, ERROR)
 AGENT_VERBS: Final = (TEXT_DELTA, TEXT_END, SAY, INTERRUPT, TRANSFER, END_CALL, DISPATCH, RECORDING_PAUSE,
-                      RECORDING_RESUME)
+                      RECORDING_RESUME, AGENT_ERROR)
 
 # The internal relay: serve's own SIP media workers dial this path (with serve's internal secret) to reach
 # the agent hub and /metrics for their sessions. Not for runners.
@@ -83,6 +88,19 @@ REJECT_AT_CAPACITY = "at_capacity"
 REJECT_AGENT_MISMATCH = "agent_id_mismatch"
 REJECT_DRAINING = "draining"
 REJECT_REFUSED = "refused"  # the runner's on_job filter said no
+
+# `agent.error` codes the runner SDK sends (an agent may send its own, same shape: AGENT_ERROR_CODE_RE).
+AGENT_ERROR_CODE_RE: Final = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}\Z")
+AGENT_ERROR_MESSAGE_CHARS: Final = 300
+
+
+class AgentErrorCodes:
+    """Codes of `agent.error` frames the SDK sends."""
+
+    HOOK_FAILED = "hook_failed"  # a call_start, user_turn, dtmf or silence hook raised
+    REPLY_FAILED = "reply_failed"  # the reply to a user turn raised while it was produced or streamed
+    DIALOG_FAILED = "dialog_failed"  # a DialogMachine step raised (e.g. its LLM is unreachable)
+    ENTRYPOINT_FAILED = "entrypoint_failed"  # handle_call raised (and, later, a turn it left with no answer)
 
 
 class Codes:
@@ -192,6 +210,9 @@ BRIDGE_FROM_RUNNER: Spec = {
     DISPATCH: {"agent_id": _AGENT_ID, "data": _META},
     RECORDING_PAUSE: {},
     RECORDING_RESUME: {},
+    AGENT_ERROR: {"code": F("str", pattern=AGENT_ERROR_CODE_RE),
+                  "message": F("str", False, max_len=AGENT_ERROR_MESSAGE_CHARS),
+                  "turn_id": F("int", False, nullable=True)},
 }
 BRIDGE_FROM_SERVER: Spec = {
     HELLO_ACK: {"protocol": F("int", minimum=0), "session_id": _ID, "resumed": F("bool"),
