@@ -9,6 +9,11 @@ they arrive, sentence by sentence.
 
 The flow is tiny: one free-form node, plus a global "goodbye" intent that ends the call without asking
 the model, so hanging up never depends on the model's mood.
+
+It refuses to start without the model's key (OPENAI_API_KEY, unless OPENAI_BASE_URL names a server that
+needs none; ANTHROPIC_API_KEY), naming the variable to set: a runner without one would greet every caller,
+then fail every turn. A model that fails mid-call (down, refusing) is reported to the platform, which
+apologises to the caller once per turn (the pipe's `agent_error_message`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from speechpipe import AgentRunner, CallContext, DialogMachine
+from speechpipe.runner import RunnerError, make_llm
 
 FLOW = {
     "start": "chat",
@@ -39,6 +46,18 @@ async def handle_call(ctx: CallContext) -> None:
     await ctx.session.run()
 
 
+def missing_key(llm: str) -> str | None:
+    """Why `llm` cannot work from this environment (the variable to set), or None."""
+    provider = llm.partition("/")[0]
+    env = os.environ
+    if provider == "openai" and not env.get("OPENAI_API_KEY") and not env.get("OPENAI_BASE_URL"):
+        return ("OPENAI_API_KEY is not set: set it to your OpenAI API key (or set OPENAI_BASE_URL to a local "
+                "OpenAI-compatible server that needs no key)")
+    if provider == "anthropic" and not env.get("ANTHROPIC_API_KEY"):
+        return "ANTHROPIC_API_KEY is not set: set it to your Anthropic API key"
+    return None
+
+
 def main() -> None:
     global LLM
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,9 +66,20 @@ def main() -> None:
     parser.add_argument("--llm", default=os.environ.get("AGENT_LLM", LLM),
                         help="openai/<model> (OPENAI_BASE_URL, OPENAI_API_KEY) or anthropic/<model>")
     args = parser.parse_args()
+    try:
+        make_llm(args.llm)
+    except ValueError as exc:
+        sys.exit(f"llm_agent: {exc}")
+    problem = missing_key(args.llm)
+    if problem is not None:
+        print(f"llm_agent: --llm {args.llm}: {problem}", file=sys.stderr)
+        sys.exit(2)
     LLM = args.llm
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    AgentRunner(handle_call, agent_id=args.agent_id, capacity=args.capacity).run_forever()
+    try:
+        AgentRunner(handle_call, agent_id=args.agent_id, capacity=args.capacity).run_forever()
+    except RunnerError as exc:
+        sys.exit(f"llm_agent: {exc}")
 
 
 if __name__ == "__main__":

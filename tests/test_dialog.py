@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from speechpipe.pipeline import events as ev
+from speechpipe.pipeline.config import PipeConfig
 from speechpipe.runner import DialogMachine, DialogReply, FlowError, LLMError
 from speechpipe.runner.dialog import Flow, Slot, extract
 from speechpipe.runner.llm import AnthropicChat, make_llm
@@ -287,3 +292,33 @@ async def test_llm_agent_streams_from_a_local_openai_server(agent_channel, llm_s
     assert await call.ask("Thanks, goodbye") == "Goodbye, and thanks for calling!"
     assert await call.ended() == "caller_said_goodbye"
     assert len(llm_server.requests) == 1  # goodbye never reached the model
+
+
+async def test_llm_agent_whose_model_fails_apologises_instead_of_dead_air(agent_channel,
+                                                                          llm_server: FakeLLMServer) -> None:
+    ch = await agent_channel()
+    await ch.runner("assistant", script=ROOT / "examples" / "llm_agent.py",
+                    env={"OPENAI_BASE_URL": f"{llm_server.url}/v1", "AGENT_LLM": "openai/local-model"})
+    call = await ch.call("assistant")
+    await call.wait(ev.AgentSpeechDone, lambda e: e.text == "Hi there! What can I do for you?")
+    llm_server.status = 503
+    call.session.push_text("What are your opening hours?")
+    err = await call.wait(ev.AgentError)
+    assert (err.code, err.agent_code) == ("agent_error", "dialog_failed")
+    apology = PipeConfig(agent_id="assistant").agent_error_message
+    await call.wait(ev.AgentSpeechDone, lambda e: e.text == apology)
+    llm_server.status = 200  # the model is back: the call went on
+    assert await call.ask("And on Sundays?") == "Sure, I can help."
+
+
+async def test_llm_agent_without_a_key_refuses_to_start_naming_the_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_"))}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(ROOT / "examples" / "llm_agent.py"), *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    proc = await asyncio.to_thread(run)
+    assert proc.returncode == 2 and "OPENAI_API_KEY is not set" in proc.stderr, proc.stderr
+    proc = await asyncio.to_thread(run, "--llm", "anthropic/claude-x")
+    assert proc.returncode == 2 and "ANTHROPIC_API_KEY is not set" in proc.stderr, proc.stderr
