@@ -40,7 +40,15 @@ async def echo_agent(session: PipelineSession) -> AgentLink:
 
 
 class CallStartFailed(Exception):
-    """The session could not start; its row is ended as `start_failed` and the cause is logged."""
+    """The session could not start; its row is ended as `start_failed` and the cause is logged.
+
+    `stage` is what failed (`store`, `stt`, `vad`, `tts`, `recording`): safe to show a client, unlike the
+    exception's own text, which may name server paths."""
+
+    def __init__(self, stage: str, cause: str) -> None:
+        super().__init__(f"{stage}: {cause}")
+        self.stage = stage
+        self.cause = cause
 
 
 async def start_call(info: SessionInfo, config: PipeConfig, engines: Engines | None, *, input_rate: int,
@@ -64,10 +72,14 @@ async def start_call(info: SessionInfo, config: PipeConfig, engines: Engines | N
     try:
         await session.start()
     except Exception as exc:
-        log.exception("%s session on pipe %s could not start", info.direction, info.pipe_id)
-        with contextlib.suppress(Exception):
+        stage = session.start_stage
+        log.exception("%s session on pipe %s could not start (%s failed)", info.direction, info.pipe_id,
+                      stage)
+        try:
             await asyncio.wait_for(session.end(START_FAILED), 10)
-        raise CallStartFailed(f"{type(exc).__name__}: {exc}") from exc
+        except Exception:
+            log.exception("session %s: ending the failed start failed", session.session_id)
+        raise CallStartFailed(stage, f"{type(exc).__name__}: {exc}") from exc
     for pcm in early_audio:
         session.push_audio(pcm)
     return session

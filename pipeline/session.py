@@ -119,6 +119,8 @@ class PipelineSession:
         self.metrics: dict[str, list[float]] = collections.defaultdict(list)
         self.counts: collections.Counter[str] = collections.Counter()  # turns, interruptions (stored at end)
         self._apologised: set[int] = set()  # user turns the agent_error_message was spoken for
+        # What start() was doing (for CallStartFailed); "" once it has finished.
+        self.start_stage = "not_started"
 
     # ---- wiring ------------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[ev.Event], None]) -> None:
@@ -147,6 +149,7 @@ class PipelineSession:
         loop = asyncio.get_running_loop()
         self._loop = loop
         cfg = self.config
+        self.start_stage = "store"
         if self.store is not None:
             self.info.session_id = await self.store.create_session(
                 pipe_id=self.info.pipe_id, agent_id=self.info.agent_id, direction=self.info.direction,
@@ -156,10 +159,12 @@ class PipelineSession:
         # From here the caller's task (the transport's, one per session) and every task the session makes
         # log with its ids: tasks copy the context they are created in.
         logs.bind(**self.log_ids)
+        self.start_stage = "stt"
         self.stt_engine = await loop.run_in_executor(self.engines.executor, contextvars.copy_context().run,
                                                      self.engines.stt, cfg)
         self.stt = STTLane(self.engines.executor, self.stt_engine.new_stream(cfg.stt.language),
                            streaming=self.stt_engine.streaming, on_partial=self._on_partial)
+        self.start_stage = "vad"
         self.vad = make_vad(cfg.vad, vad_rate(self.input_rate))
         # A narrowband leg's VAD judges the native frames. Their votes wait here for the 16 kHz frame that
         # covers the same 20 ms: the resampler's output lags its input, never leads it.
@@ -169,8 +174,10 @@ class PipelineSession:
         self._votes_seen = self._votes_used = self._native_run = 0
         self._early_pause: int | None = None  # the vote that paused the agent ahead of the detector
         self.detector = TurnDetector(cfg.endpointing)
+        self.start_stage = "tts"
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
+        self.start_stage = "recording"
         self.recorder: StereoRecorder | None = None
         if cfg.recording.enabled and self.recordings_dir is not None:
             self.recorder = StereoRecorder(self.recordings_dir / f"{self.info.session_id}.wav", PROCESS_RATE)
@@ -198,6 +205,7 @@ class PipelineSession:
         self._tasks = [loop.create_task(self._input_loop(), name=f"input:{self.session_id}")]
         self._emit(ev.SessionStarted(self.info.session_id, self.input_rate, self.output_rate,
                                      self.info.direction))
+        self.start_stage = ""
         log.info("session %s started: pipe=%s direction=%s stt=%s vad=%s", self.session_id,
                  self.info.pipe_id, self.info.direction, cfg.stt.engine, cfg.vad.engine)
 
@@ -776,6 +784,9 @@ class PipelineSession:
             return
         self.ended.set()
         self.end_reason = reason
+        if self.start_stage:
+            await self._end_unstarted(reason)
+            return
         self._input.put_nowait(None)  # the input loop's own way out, whatever happens to the cancel
         current = asyncio.current_task()
         others = [t for t in self._tasks if t is not current]
@@ -815,6 +826,16 @@ class PipelineSession:
         log.info("session %s ended: %s", self.session_id, reason)
         if self.on_end is not None:
             await self.on_end(reason)
+
+    async def _end_unstarted(self, reason: str) -> None:
+        """The end of a session whose start() failed part way: none of the audio machinery exists, but the
+        row (if it was opened) is closed and listeners hear of the end. `on_end` is not called: the
+        transport learns of it from start_call's CallStartFailed and closes its side there."""
+        if self.store is not None and self.info.session_id is not None:
+            await self.store.end_session(self.session_id, reason, metrics={})
+        self._emit(ev.SessionEnded(reason, {}))
+        log.info("session %s ended before it started (%s failed): %s", self.session_id, self.start_stage,
+                 reason)
 
     def metrics_summary(self) -> dict[str, Any]:
         """What `sessions.metrics` stores and `session.ended` carries: each turn's response latency (ms,

@@ -400,3 +400,36 @@ async def test_session_limit_refuses_4503_without_using_the_token(web_server, ra
         third = await raw_connect(srv.ws_url(pipe, token))  # the refused token is still good
         await third.send_json({"type": "start", "sample_rate": 16000})
         await third.wait_for("session.started")
+
+
+async def test_a_session_that_cannot_start_tells_the_client_and_ends_its_row(web_server, raw_connect,
+                                                                              tmp_path):
+    import aiohttp
+
+    srv = web_server
+    # A model directory that resolves (so the pipe is accepted) but does not load: the start fails at STT.
+    broken = tmp_path / "broken-whisper"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a CTranslate2 model")
+    (broken / "config.json").write_text("{}")
+    key = srv.store.create_api_key("start-failure").secret
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with http.post(f"{srv.url}/v1/pipes", json={"config": {
+                "agent_id": "echo", "stt": {"engine": "whisper", "model": str(broken)}}}) as resp:
+            assert resp.status == 201, await resp.text()
+            pipe = (await resp.json())["id"]
+        async with http.post(f"{srv.url}/v1/sessions/tokens", json={"pipe_id": pipe}) as resp:
+            assert resp.status == 201, await resp.text()
+            token = (await resp.json())["token"]
+        client = await raw_connect(srv.ws_url(pipe, token))
+        await client.send_json({"type": "start", "sample_rate": 16000})
+        code, reason = await client.closed(60)
+        assert (code, reason.split(":")[0]) == (4500, "internal_error"), reason
+        (err,) = client.of("error")
+        assert (err["code"], err["stage"]) == ("start_failed", "stt")
+        assert str(broken) not in err["message"]  # no server paths in what the client sees
+        # The row the failed start opened is ended, with its reason, and readable over REST.
+        async with http.get(f"{srv.url}/v1/sessions", params={"pipe_id": pipe}) as resp:
+            assert resp.status == 200, await resp.text()
+            (row,) = (await resp.json())["data"]
+    assert row["end_reason"] == "start_failed" and row["ended_at"] is not None

@@ -25,7 +25,14 @@ from speechpipe import logs
 from speechpipe.errors import WS_CLOSE_CODE_BY_CODE, Code, SpeechPipeError
 from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline import events as ev
-from speechpipe.pipeline.call import AgentFactory, CallStartFailed, connect_agent, echo_agent, start_call
+from speechpipe.pipeline.call import (
+    START_FAILED,
+    AgentFactory,
+    CallStartFailed,
+    connect_agent,
+    echo_agent,
+    start_call,
+)
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.websocket_edge.keys import (
     AGENT_FACTORY_KEY,
@@ -296,9 +303,12 @@ class Connection:
                                        output_rate=output_rate, store=edge.store,
                                        recordings_dir=_recordings_dir(edge.settings),
                                        on_end=self._on_session_end, prepare=prepare)
-        except CallStartFailed:
+        except CallStartFailed as exc:
             self.session = None
-            raise Refused(Code.INTERNAL_ERROR, "the session could not start") from None
+            detail = f"the session could not start: its {exc.stage} failed"
+            assert self.outbox is not None
+            self.outbox.event({"type": "error", "code": START_FAILED, "stage": exc.stage, "message": detail})
+            raise Refused(Code.INTERNAL_ERROR, detail) from None
         assert self.pacer is not None
         self._audio_t0 = time.monotonic()
         self._tasks.append(asyncio.ensure_future(self.pacer.run()))
