@@ -5,6 +5,11 @@ socket drops while the call is live (and the server did not close it for good), 
 token, with backoff, for up to `grace_s`; the `hello` names the last platform frame it got and the
 `hello.ack` names the last of ours the platform got, so each side replays exactly what the other missed.
 Frames are delivered to `on_frame` in order and once.
+
+With `keepalive_s` (the runner passes its heartbeat interval), a bridge that sent nothing for about that long
+sends an `ack`: the platform closes a bridge that carries no frame for a few heartbeat intervals (close 4408;
+WebSocket pings do not count), and a quiet call (a caller on hold) must not look dead. A bridge closed that
+way is redialled like any drop.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ class BridgeFailed(Exception):
 class BridgeClient:
     def __init__(self, http: aiohttp.ClientSession, url: str, token: str, *,
                  on_frame: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None],
-                 stats: dict[str, Any], grace_s: float = 10.0, hello_timeout_s: float = 5.0) -> None:
+                 stats: dict[str, Any], grace_s: float = 10.0, hello_timeout_s: float = 5.0,
+                 keepalive_s: float | None = None) -> None:
         self.http = http
         self.url = url
         self.token = token
@@ -46,6 +52,8 @@ class BridgeClient:
         self.stats = stats
         self.grace_s = grace_s
         self.hello_timeout_s = hello_timeout_s
+        self.keepalive_s = keepalive_s
+        self._last_sent = time.monotonic()
         self.outbox = p.Outbox()
         self.inbox = p.Inbox()
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -53,12 +61,17 @@ class BridgeClient:
         self.server_verbs: frozenset[str] = frozenset(p.AGENT_VERBS)
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self.closed = False
 
     async def connect(self) -> None:
         """First dial. Raises BridgeFailed if the platform refuses us."""
         await self._dial(resume=False)
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"bridge:{self.url}")
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_loop(), name=f"bridge:{self.url}")
+        if self.keepalive_s:
+            self._keepalive = loop.create_task(self._keepalives(self.keepalive_s),
+                                               name=f"bridge-keepalive:{self.url}")
 
     async def _dial(self, *, resume: bool) -> None:
         ws = await self.http.ws_connect(self.url, max_msg_size=p.MAX_FRAME_BYTES, autoping=True,
@@ -87,6 +100,7 @@ class BridgeClient:
                 for out in replay:
                     await ws.send_str(p.encode({**out, "ack": self.inbox.last_seq}))
                 self.ws = ws
+                self._last_sent = time.monotonic()
             if resume:
                 self.stats["bridge_redials"] += 1
                 log.info("bridge %s resumed; %d frames replayed", self.session_id, len(replay))
@@ -108,6 +122,7 @@ class BridgeClient:
             self.inbox.sent_ack()
             try:
                 await ws.send_str(p.encode({**stamped, "ack": self.inbox.last_seq}))
+                self._last_sent = time.monotonic()
                 self.stats["frames_out"] += 1
             except (ConnectionError, RuntimeError):
                 pass  # the read loop sees the drop and redials; the frame is in the outbox
@@ -169,6 +184,17 @@ class BridgeClient:
             self.inbox.sent_ack()
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await ws.send_str(p.encode({"type": p.ACK, "ack": self.inbox.last_seq}))
+                self._last_sent = time.monotonic()
+
+    async def _keepalives(self, every_s: float) -> None:
+        """An `ack` when nothing went out lately, so the gap between our frames stays under about `every_s`
+        (a third of the platform's idle limit): a quiet call still shows a live runner."""
+        while not self.closed and self._reader is not None and not self._reader.done():
+            await asyncio.sleep(every_s / 3)
+            ws = self.ws
+            if ws is not None and not ws.closed and time.monotonic() - self._last_sent >= every_s * 2 / 3:
+                await self._send_ack()
+                self.stats["bridge_keepalives"] += 1
 
     async def _redial(self) -> None:
         deadline = time.monotonic() + self.grace_s
@@ -195,6 +221,8 @@ class BridgeClient:
         if ws is not None and not ws.closed:
             with contextlib.suppress(Exception):
                 await ws.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -241,7 +241,8 @@ class AgentRunner:
             "calls_ended_by_shutdown": c["calls_ended_by_shutdown"], "hook_errors": c["hook_errors"],
             "reply_errors": c["reply_errors"], "errors_reported": c["errors_reported"],
             "reconnects": c["reconnects"],
-            "bridge_redials": c["bridge_redials"], "frames_in": c["frames_in"], "frames_out": c["frames_out"],
+            "bridge_redials": c["bridge_redials"], "bridge_keepalives": c["bridge_keepalives"],
+            "frames_in": c["frames_in"], "frames_out": c["frames_out"],
             "protocol_errors": c["protocol_errors"], "heartbeats_sent": c["heartbeats_sent"],
             "uptime_s": round(time.monotonic() - self._started_at, 3),
         }
@@ -445,7 +446,8 @@ class AgentRunner:
         call.session = session
         bridge = BridgeClient(self._http, call.job["bridge_url"], call.job["call_token"],
                               on_frame=session.deliver, on_lost=lambda why: session.deliver(None),
-                              stats=self.counters, grace_s=self.bridge_grace_s)
+                              stats=self.counters, grace_s=self.bridge_grace_s,
+                              keepalive_s=self.heartbeat_interval_s)
         call.bridge = bridge
         outcome = "calls_failed"
         try:

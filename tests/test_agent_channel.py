@@ -8,6 +8,7 @@ real PipelineSessions (typed turns: the channel's semantics do not depend on aud
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -367,6 +368,160 @@ async def test_heartbeats_both_ways_and_silent_runner_is_dropped(agent_channel) 
         assert 0.4 < time.monotonic() - t0 < 2.0
     assert ch.runner_info("silent") is None
     assert ch.hub.counters["runners_lost_heartbeat_timeout"] == 1
+
+
+# ---- idle timers: only real frames keep a runner's socket open ---------------------------------------------
+async def _pings(ws: aiohttp.ClientWebSocketResponse, every_s: float = 0.1) -> None:
+    """WebSocket pings and nothing else, until the socket closes (or the task is cancelled)."""
+    while not ws.closed:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.ping()
+        await asyncio.sleep(every_s)
+
+
+class _Frames:
+    """`frame` every `every_s` until stopped; `last` is when the last one was started (the server got it
+    later, so its idle timer cannot run out before `last` + the limit)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any],
+                 every_s: float = 0.1) -> None:
+        self.ws = ws
+        self.frame = frame
+        self.last = time.monotonic()
+        self.task = asyncio.ensure_future(self._send(every_s))
+
+    async def _send(self, every_s: float) -> None:
+        while not self.ws.closed:
+            self.last = time.monotonic()
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(json.dumps(self.frame))
+            await asyncio.sleep(every_s)
+
+    async def stop(self) -> float:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return self.last
+
+
+class _Closed:
+    """Reads a socket opened with autoping=False until the server closes it: its close code, and how many of
+    our pings it answered (proof the connection was alive at the WebSocket level all along)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.pongs = 0
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> Any:
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.PONG:
+                self.pongs += 1
+            elif msg.type == aiohttp.WSMsgType.PING:  # the server's own pings (bridges): answered as usual
+                await self.ws.pong(msg.data)
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
+                return msg.data
+            elif msg.type != aiohttp.WSMsgType.TEXT:  # CLOSED/ERROR without a close frame
+                return self.ws.close_code
+
+    async def code(self, within_s: float) -> Any:
+        return await asyncio.wait_for(self.task, within_s)
+
+
+async def test_a_control_socket_that_only_pings_is_closed_and_the_runner_leaves_the_rotation(
+        agent_channel) -> None:
+    """Heartbeat frames keep a registered runner; WebSocket pings (answered by the server's aiohttp) do not:
+    with only pings the socket is closed with 4408 once the heartbeat timeout passes, as a silent one is."""
+    ch = await agent_channel(heartbeat_interval_s=0.3)  # idle limit (heartbeat timeout) 0.9 s
+    limit = ch.hub.heartbeat_timeout_s
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{ch.url.replace('http', 'ws')}/v1/agents/connect", autoping=False,
+                                   headers={"Authorization": f"Bearer {ch.api_key}"})
+        await ws.send_str(json.dumps({"type": "register", "agent_id": "raw", "capacity": 1,
+                                      "worker_id": "pinger"}))
+        first = await ws.receive(timeout=10)
+        assert json.loads(first.data)["type"] == "registered"
+        closed = _Closed(ws)
+        pinger = asyncio.ensure_future(_pings(ws))
+        beats = _Frames(ws, {"type": "heartbeat", "active": 0})
+        try:
+            await asyncio.sleep(3 * limit)  # pings and heartbeats: it stays
+            assert not closed.task.done() and ch.runner_info("pinger") is not None
+            t_last = await beats.stop()  # from here on, pings only
+            assert await closed.code(within_s=30) == p.CLOSE_HEARTBEAT
+            # Never before the timeout, counted from the last real frame.
+            assert time.monotonic() - t_last >= limit
+            assert closed.pongs >= 10  # every ping was answered until the close: pings do not count
+        finally:
+            pinger.cancel()
+            beats.task.cancel()
+    assert ch.runner_info("pinger") is None and ch.hub.runners("raw") == []  # out of the rotation
+    assert ch.hub.counters["runners_lost_heartbeat_timeout"] == 1
+
+
+async def test_a_bridge_that_only_pings_is_closed_with_4408_and_the_call_ends_when_nobody_redials(
+        agent_channel, caplog: pytest.LogCaptureFixture) -> None:
+    """After `hello`, a bridge that carries runner frames stays; one that carries only WebSocket pings is
+    closed with 4408 after `bridge_idle_s`. The runner (its control socket beating all along) keeps its place;
+    the call waits `bridge_grace_s` for a redial (which the SDK would make) and, with none, ends."""
+    ch = await agent_channel(heartbeat_interval_s=0.3, bridge_grace_s=1.0)  # bridge idle limit 0.9 s
+    limit = ch.hub.bridge_idle_s
+    assert limit == ch.hub.heartbeat_timeout_s == pytest.approx(0.9)
+    caplog.set_level("WARNING", logger="speechpipe.websocket_edge.agent_channel")
+    async with aiohttp.ClientSession() as http:
+        control = await raw_register(http, ch)
+        control_beats = _Frames(control.ws, {"type": "heartbeat", "active": 1})
+        pinger = bridge_acks = None
+        try:
+            attaching = asyncio.ensure_future(ch.call("raw"))
+            job = await control.recv(within_s=10)
+            assert job["type"] == "job.assign"
+            await control.send({"type": "job.ack", "job_id": job["job_id"], "accepted": True})
+            ws = await http.ws_connect(job["bridge_url"], autoping=False)
+            await ws.send_str(json.dumps({"type": "hello", "protocol": p.PROTOCOL_VERSION,
+                                          "call_token": job["call_token"]}))
+            assert json.loads((await ws.receive(timeout=10)).data)["type"] == "hello.ack"
+            call = await attaching
+            assert call.attached
+            closed = _Closed(ws)
+            pinger = asyncio.ensure_future(_pings(ws))
+            bridge_acks = _Frames(ws, {"type": "ack"})
+            await asyncio.sleep(3 * limit)  # pings and acks: it stays
+            assert not closed.task.done() and ch.hub.counters["bridges_idle_closed"] == 0
+            t_last = await bridge_acks.stop()  # from here on, pings only
+            assert await closed.code(within_s=30) == p.CLOSE_HEARTBEAT
+            assert time.monotonic() - t_last >= limit
+            assert closed.pongs >= 10
+            assert ch.hub.counters["bridges_idle_closed"] == 1
+            assert any("no frame from the runner" in r.getMessage() for r in caplog.records)
+            assert ch.runner_info("raw-1") is not None  # its runner is fine: only this bridge was dead
+            assert await call.ended(within_s=30) == "agent_gone"  # no redial within the grace
+            assert ch.hub.counters["bridges_lost"] == 1
+        finally:
+            control_beats.task.cancel()
+            if pinger is not None:
+                pinger.cancel()
+            if bridge_acks is not None:
+                bridge_acks.task.cancel()
+
+
+async def test_a_runner_on_a_quiet_call_stays_connected_past_the_idle_limits(agent_channel) -> None:
+    """The SDK runner's own frames (control heartbeats, keepalive acks on a quiet bridge) keep both sockets
+    open through a call where nobody says anything for many idle limits: no close, no redial, no loss."""
+    ch = await agent_channel()  # heartbeat every 0.5 s: idle limits 1.5 s on both sockets
+    runner = await ch.runner()
+    call = await ch.call()
+    assert await call.ask("hello") == "You said: hello"
+    await asyncio.sleep(4 * ch.hub.bridge_idle_s)  # a caller on hold: not a frame of the call either way
+    assert await call.ask("still there") == "You said: still there"
+    counters = ch.hub.counters
+    assert counters["bridges_idle_closed"] == 0 and counters["bridge_redials"] == 0
+    assert not any(k.startswith("runners_lost_") for k in counters), dict(counters)
+    assert ch.runner_info(runner.worker_id) is not None and not call.session.ended.is_set()
+    call.session.push_text("stats")
+    stats = (await runner.wait_event("stats"))["stats"]
+    assert stats["bridge_keepalives"] >= 1 and stats["bridge_redials"] == 0 and stats["reconnects"] == 0
 
 
 # ---- bad frames never crash the server ------------------------------------------------------------------

@@ -83,6 +83,7 @@ class Bridge:
         self._early: list[dict[str, Any]] = []  # frames that came before this bridge was the link's
         self._grace: asyncio.TimerHandle | None = None
         self.detached_at: float | None = None
+        self.last_heard = time.monotonic()  # the runner's last frame on this bridge (WebSocket pings not)
         # Made while dispatching a session, so these are its log ids; the bridge socket's task and lines
         # logged from other tasks (a lost runner) get them from here.
         self.log_ids = logs.current()
@@ -94,6 +95,10 @@ class Bridge:
     @property
     def attached(self) -> bool:
         return self.ws is not None
+
+    def heard_within(self, seconds: float) -> bool:
+        """Attached, and a runner frame (a verb, an ack, the SDK's keepalive) came within `seconds`."""
+        return self.attached and time.monotonic() - self.last_heard <= seconds
 
     # ---- socket side -------------------------------------------------------------------------------
     async def attach(self, ws: web.WebSocketResponse, hello: dict[str, Any]) -> bool:
@@ -126,19 +131,21 @@ class Bridge:
             self.hellos += 1
             self.ws = ws
             self.detached_at = None
+            self.last_heard = time.monotonic()
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
             self.ready.set()
             return True
 
-    def detach(self, ws: web.WebSocketResponse) -> None:
+    def detach(self, ws: web.WebSocketResponse, *, closing: bool = False) -> None:
         """The socket closed (or failed a send). Unless the call is over, the runner may redial within the
-        hub's grace."""
+        hub's grace. `closing`: the caller closes `ws` itself (an idle bridge); the grace starts now, not
+        once the peer answers the close (a frozen one never does)."""
         if self.ws is not ws:
             return
         self.ws = None
-        if not ws.closed:  # a send failed on a socket that looks open: end it, the runner redials
+        if not ws.closed and not closing:  # a send failed on a socket that looks open: end it, it redials
             self.hub.spawn(close_socket(ws, p.CLOSE_GOING_AWAY, "send failed"))
         if self.over:
             return
@@ -157,6 +164,7 @@ class Bridge:
 
     async def on_frame(self, frame: dict[str, Any]) -> dict[str, Any] | None:
         """One validated frame from the runner; returns an error frame to answer with, if any."""
+        self.last_heard = time.monotonic()
         if "ack" in frame:
             self.outbox.ack(frame["ack"])
         kind = frame["type"]

@@ -4,7 +4,9 @@
 registration, heartbeats, job offers) and `GET /v1/agents/bridge/{session_id}` (call token in the first
 frame, `hello`). Every frame is validated by `speechpipe.protocol`; a bad one gets an `error` frame
 (code + message) and the socket goes on, up to the hub's error budget. Nothing a peer sends can raise out
-of a handler. The registry and dispatch logic live in `dispatch.AgentHub`; the bridge in `agent_bridge`.
+of a handler. Only frames keep a socket open: a control socket silent past the heartbeat timeout, or a
+bridge past `bridge_idle_s`, is closed with 4408 even if its peer keeps answering or sending WebSocket pings.
+The registry and dispatch logic live in `dispatch.AgentHub`; the bridge in `agent_bridge`.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def _bridge_base(request: web.Request) -> str:
 async def _next_frame(ws: web.WebSocketResponse, spec: p.Spec,
                       within_s: float | None) -> dict[str, Any] | None:
     """The next validated frame; None when the socket is done. Raises ProtocolError for a bad frame, and
-    TimeoutError after `within_s` (an overall deadline: receive(timeout=) restarts at every ping/pong)."""
-    msg = await (asyncio.wait_for(ws.receive(), within_s) if within_s is not None else ws.receive())
+    TimeoutError after `within_s` (an overall deadline: receive(timeout=) restarts at every ping/pong, which
+    aiohttp answers inside receive(), so pings never reset it; asyncio.timeout, not wait_for: no task per
+    frame)."""
+    async with asyncio.timeout(within_s):
+        msg = await ws.receive()
     if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
         return p.parse(msg.data, spec)
     return None  # CLOSE, CLOSING, CLOSED, ERROR (too large frames end up here, as aiohttp closes with 1009)
@@ -152,7 +157,8 @@ async def bridge_socket(request: web.Request) -> web.StreamResponse:
     try:
         while not ws.closed:
             try:
-                frame = await _next_frame(ws, p.BRIDGE_FROM_RUNNER, None if bridge else hub.hello_timeout_s)
+                frame = await _next_frame(ws, p.BRIDGE_FROM_RUNNER,
+                                          hub.bridge_idle_s if bridge else hub.hello_timeout_s)
                 if frame is None:
                     break
                 hub.counters["frames_in"] += 1
@@ -168,6 +174,13 @@ async def bridge_socket(request: web.Request) -> web.StreamResponse:
                 if not await budget.report(ws, exc.frame()):
                     break
             except TimeoutError:
+                if bridge is not None:  # said hello, then nothing but (at most) pings: as good as gone
+                    hub.counters["bridges_idle_closed"] += 1
+                    log.warning("bridge %s: no frame from the runner for %g s (pings do not count); closing "
+                                "with %d, it may redial", session_id, hub.bridge_idle_s, p.CLOSE_HEARTBEAT)
+                    bridge.detach(ws, closing=True)  # its redial grace starts now, not after the close
+                    await close_socket(ws, p.CLOSE_HEARTBEAT, f"no frame for {hub.bridge_idle_s:g} s")
+                    break
                 await send_frame(ws, p.error_frame(p.Codes.OUT_OF_ORDER, "no hello frame in time"))
                 await close_socket(ws, p.CLOSE_PROTOCOL, "hello timeout")
                 break

@@ -5,7 +5,15 @@ the least-loaded runner of its agent_id (`job.assign`), waits for `job.ack` up t
 rejection or a late/missing ack offers it to the next runner; once a runner accepts and its bridge socket
 says `hello`, the session gets a `BridgeLink`. Load counts a job from the moment it is offered, so
 concurrent dispatches never over-fill a runner. Dead runners are found two ways: their control socket
-closes, or their heartbeats stop (then their calls fail at once: a frozen process cannot redial).
+closes, or their heartbeats stop (then their calls fail at once: a frozen process cannot redial; only a call
+whose bridge still carried a runner frame within `bridge_idle_s` is kept, as after a plain disconnect).
+
+Idle timers count real frames only. A registered control socket with no frame from the runner (its
+`heartbeat`s, acks, ...) for `heartbeat_timeout_s` is closed with 4408 (CLOSE_HEARTBEAT) and the runner
+leaves the rotation; a bridge with no runner frame for `bridge_idle_s` is closed with 4408 too, and may be
+redialled with its call token within the grace (the SDK does, and sends a keepalive `ack` every heartbeat
+interval on a quiet bridge). WebSocket pings and pongs reset neither: aiohttp answers them itself, so a
+peer whose process only pings is as dead to the hub as a silent one.
 
 The ack deadline is a reason to fail over, never a verdict by itself: it starts once the offer is written,
 frames that already reached this process are read before it counts as missed (a busy event loop is not a
@@ -107,13 +115,18 @@ class AgentHub:
                  heartbeat_interval_s: float = 5.0, heartbeat_timeout_s: float | None = None,
                  ack_timeout_s: float = 2.0, hello_timeout_s: float = 5.0, dispatch_timeout_s: float = 10.0,
                  bridge_grace_s: float = 10.0, orphan_grace_s: float = 0.5, bridge_ping_s: float = 10.0,
-                 public_url: str | None = None, out_of_rotation_after: int = 2,
-                 max_errors: int = 100, verbs: tuple[str, ...] | None = None) -> None:
+                 bridge_idle_s: float | None = None, public_url: str | None = None,
+                 out_of_rotation_after: int = 2, max_errors: int = 100,
+                 verbs: tuple[str, ...] | None = None) -> None:
         """`store` (Store or AsyncStore) checks runners' API keys, unless `authenticate` is given.
 
         bridge_grace_s: how long a dropped bridge may take to redial while its runner is connected;
         orphan_grace_s: the same once the runner's control socket is gone too (a crash, most likely).
+        heartbeat_timeout_s: a registered control socket with no frame from its runner for this long (default
+        3 heartbeat intervals; WebSocket pings do not count) is closed with 4408 and the runner is lost.
         bridge_ping_s: WebSocket ping interval on bridges (a pong must come within half of it).
+        bridge_idle_s: a bridge with no frame from its runner for this long (default heartbeat_timeout_s;
+        pings do not count, the SDK's keepalive acks do) is closed with 4408; the runner may redial it.
         public_url: base URL runners reach this node at (default: the host they dialled the control on).
         ack_timeout_s: how long an offer waits for its ack before it fails over to another runner (with no
         other runner to try, it waits on, up to dispatch_timeout_s); out_of_rotation_after: missed acks in a
@@ -133,6 +146,7 @@ class AgentHub:
         self.bridge_grace_s = bridge_grace_s
         self.orphan_grace_s = orphan_grace_s
         self.bridge_ping_s = bridge_ping_s
+        self.bridge_idle_s = bridge_idle_s or self.heartbeat_timeout_s
         self.public_url = public_url.rstrip("/") if public_url else None
         self.max_errors = max_errors
         self.verbs = verbs if verbs is not None else session_verbs()
@@ -278,12 +292,19 @@ class AgentHub:
                                                    "reason": reason})
                 self.release(job, "runner_lost")
             elif job.bridge is not None:
-                if reason == "heartbeat_timeout" or not job.bridge.ready.is_set():
-                    job.bridge.fail("runner_lost")  # a silent process will not redial
-                elif not job.bridge.attached:
-                    job.bridge.arm_grace()  # now the short, orphan grace
+                self._bridge_of_lost_runner(job.bridge, reason)
         self._forget_if_idle(runner)
         self._changed()
+
+    def _bridge_of_lost_runner(self, bridge: Bridge, reason: str) -> None:
+        """A call whose runner's control socket is gone. After a heartbeat timeout the process is taken for
+        frozen (it will not redial) unless the bridge itself still carried a frame lately: then, as after a
+        plain disconnect, the call goes on (a frozen one is caught by the bridge's own idle timer)."""
+        if not bridge.ready.is_set() or (reason == "heartbeat_timeout"
+                                         and not bridge.heard_within(self.bridge_idle_s)):
+            bridge.fail("runner_lost")  # a silent process will not redial
+        elif not bridge.attached:
+            bridge.arm_grace()  # now the short, orphan grace
 
     def _forget_if_idle(self, runner: RunnerConn) -> None:
         if not runner.alive and not runner.jobs:
@@ -308,6 +329,10 @@ class AgentHub:
                 if not runner.alive or ws is None:
                     continue
                 if now - runner.last_seen > self.heartbeat_timeout_s:
+                    # Only frames move last_seen: a socket that just answers (or sends) pings ends here.
+                    log.warning("runner %s: no frame on its control socket for %.1f s (timeout %g s); "
+                                "closing with %d", runner.runner_id, now - runner.last_seen,
+                                self.heartbeat_timeout_s, p.CLOSE_HEARTBEAT)
                     self.runner_lost(runner, "heartbeat_timeout")
                     self.spawn(close_socket(ws, p.CLOSE_HEARTBEAT, "no heartbeat"))
                     continue
@@ -636,10 +661,8 @@ class AgentHub:
         job.runner.alive = False  # this job's stand-in only: its bridge now gets the short grace
         if not job.ack.done():
             job.ack.set_result((False, "runner_lost"))
-        elif reason == "heartbeat_timeout" or not job.bridge.ready.is_set():
-            job.bridge.fail("runner_lost")
-        elif not job.bridge.attached:
-            job.bridge.arm_grace()
+        else:
+            self._bridge_of_lost_runner(job.bridge, reason)
 
     def forget_origins_except(self, live: set[str]) -> None:
         """Nodes whose advert lapsed are gone: runner slots held for their sessions are free again."""
