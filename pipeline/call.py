@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from speechpipe import logs
 from speechpipe.pipe_config import PipeConfig
 
 from .agent import AgentLink, AgentUnavailable, CallbackAgent, echo_reply
+from .journal import SessionJournal
 from .session import EndHook, Engines, PipelineSession, SessionInfo, TransferHook
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,35 @@ async def start_call(info: SessionInfo, config: PipeConfig, engines: Engines | N
                      output_rate: int, store: Any = None, recordings_dir: str | Path | None = None,
                      on_end: EndHook | None = None, on_transfer: TransferHook | None = None,
                      prepare: Callable[[PipelineSession], None] | None = None,
-                     early_audio: Iterable[np.ndarray] = ()) -> PipelineSession:
+                     early_audio: Iterable[np.ndarray] = (), journal: SessionJournal | None = None,
+                     journal_note: Mapping[str, Any] | None = None) -> PipelineSession:
     """Build and start a call's session: bind the call's log fields, `prepare(session)` (the transport
     subscribes its outputs before anything can happen), start, then replay the audio that arrived while
-    it started. Raises CallStartFailed after ending what was created.
+    it started. Raises CallStartFailed after ending what was created. With a `journal`, the started
+    session is noted there (with `journal_note`) until its end is stored, so a process that starts after
+    a crash can close it.
 
     Returns with no await between the replay and the caller: audio the transport receives from then on
     can go straight to `session.push_audio`.
     """
     logs.bind(pipe_id=info.pipe_id, direction=info.direction, agent_id=config.agent_id)
+
+    def opened(session: PipelineSession) -> None:
+        if journal is not None:  # as soon as the row exists: a crash while the engines load is covered
+            try:
+                journal.record(session, journal_note)
+            except OSError:
+                log.exception("session %s: could not write its journal entry", session.session_id)
+
+    async def ended(reason: str) -> None:
+        if journal is not None:
+            journal.forget(session.session_id)  # its end and recording are stored
+        if on_end is not None:
+            await on_end(reason)
+
     session = PipelineSession(info, config, engines, input_rate=input_rate, output_rate=output_rate,
                               store=store, recordings_dir=recordings_dir, on_transfer=on_transfer,
-                              on_end=on_end)
+                              on_end=ended, on_open=opened)
     if prepare is not None:
         prepare(session)
     try:
@@ -79,6 +97,9 @@ async def start_call(info: SessionInfo, config: PipeConfig, engines: Engines | N
             await asyncio.wait_for(session.end(START_FAILED), 10)
         except Exception:
             log.exception("session %s: ending the failed start failed", session.session_id)
+        else:
+            if journal is not None:
+                journal.forget(session.session_id)
         raise CallStartFailed(stage, f"{type(exc).__name__}: {exc}") from exc
     for pcm in early_audio:
         session.push_audio(pcm)

@@ -102,7 +102,8 @@ class PipelineSession:
     def __init__(self, info: SessionInfo, config: PipeConfig, engines: Engines, *,
                  input_rate: int = 16000, output_rate: int = 16000, store: Any = None,
                  recordings_dir: Path | None = None, on_transfer: TransferHook | None = None,
-                 on_end: EndHook | None = None) -> None:
+                 on_end: EndHook | None = None,
+                 on_open: Callable[[PipelineSession], None] | None = None) -> None:
         self.info = info
         self.config = config
         self.engines = engines
@@ -112,6 +113,7 @@ class PipelineSession:
         self.recordings_dir = recordings_dir
         self.on_transfer = on_transfer
         self.on_end = on_end
+        self.on_open = on_open  # called once the session has its id (its row), before the engines load
         self._listeners: list[Callable[[ev.Event], None]] = []
         self.agent: AgentLink | None = None
         self.ended = asyncio.Event()
@@ -139,6 +141,13 @@ class PipelineSession:
         return self.info.session_id
 
     @property
+    def recording_path(self) -> Path | None:
+        """Where this session's WAV is (or will be) written; None when it does not record."""
+        if not self.config.recording.enabled or self.recordings_dir is None or self.info.session_id is None:
+            return None
+        return Path(self.recordings_dir) / f"{self.info.session_id}.wav"
+
+    @property
     def log_ids(self) -> dict[str, str | None]:
         """What `speechpipe.logs` stamps on every line this session logs."""
         return {"session_id": self.info.session_id, "pipe_id": self.info.pipe_id,
@@ -156,6 +165,8 @@ class PipelineSession:
                 caller=self.info.caller, caller_name=self.info.caller_name, metadata=self.info.metadata)
         elif self.info.session_id is None:
             self.info.session_id = f"local_{os.urandom(6).hex()}"
+        if self.on_open is not None:
+            self.on_open(self)
         # From here the caller's task (the transport's, one per session) and every task the session makes
         # log with its ids: tasks copy the context they are created in.
         logs.bind(**self.log_ids)
@@ -179,8 +190,8 @@ class PipelineSession:
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
         self.start_stage = "recording"
         self.recorder: StereoRecorder | None = None
-        if cfg.recording.enabled and self.recordings_dir is not None:
-            self.recorder = StereoRecorder(self.recordings_dir / f"{self.info.session_id}.wav", PROCESS_RATE)
+        if self.recording_path is not None:
+            self.recorder = StereoRecorder(self.recording_path, PROCESS_RATE)
         self._in_resampler = Resampler(self.input_rate, PROCESS_RATE)
         self._in_chunker = FrameChunker(PROCESS_RATE)
         self._out_to_rec = Resampler(self.output_rate, PROCESS_RATE)

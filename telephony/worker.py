@@ -6,9 +6,9 @@ pipe id itself), answers, and runs a `PipelineSession` (direction `inbound_phone
 name) at the negotiated codec's rate: 16 kHz for G.722, 8 kHz for G.711. The agent comes from
 `agent_factory(session)`; None means no agent (the session apologises and ends).
 
-Crash safety: every live call has a journal file; a worker that starts after a crash repairs those calls'
-recordings (`repair_wav`), adds their `recordings` rows and ends their sessions (`worker_crashed`). Turns
-are written as they finish, so they are already in SQL.
+Crash safety: every live call has an entry in the worker's `SessionJournal` (`pipeline.journal`); a worker
+that starts after a crash repairs those calls' recordings, adds their `recordings` rows and ends their
+sessions (`worker_crashed`). Turns are written as they finish, so they are already in SQL.
 
 Status for the supervisor: JSON lines on the file descriptor in `SPEECHPIPE_SIP_STATUS_FD` (`ready`,
 then `stats` every second).
@@ -20,18 +20,15 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
-import hashlib
 import importlib
 import json
 import logging
 import os
 import signal
-import struct
 import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +37,7 @@ from speechpipe import logs
 from speechpipe.errors import NotFoundError
 from speechpipe.pipe_config import PipeConfig
 from speechpipe.pipeline.call import AgentFactory, CallStartFailed, connect_agent, start_call
-from speechpipe.pipeline.recorder import repair_wav
+from speechpipe.pipeline.journal import WORKER_CRASHED, SessionJournal
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.settings import Settings
 from speechpipe.storage import AsyncStore, Store
@@ -126,7 +123,6 @@ class CallState:
     early: list[bytes] = field(default_factory=list)
     transfer: asyncio.Future[int] | None = None
     bridge: FrameBridge | None = None
-    journal: Path | None = None
 
     @property
     def key(self) -> int:
@@ -159,7 +155,8 @@ class Worker:
         self.status_fd = status_fd
         self.directory = PipeDirectory(store)
         self.calls: dict[int, CallState] = {}
-        self.journal_dir = settings.data_dir / "telephony" / f"worker-{sip.port}"
+        self.journal = SessionJournal(settings.data_dir / "telephony" / f"worker-{sip.port}",
+                                      WORKER_CRASHED)
         self.recordings_dir = settings.recordings_dir
         self.stopping = False
         self.stats: dict[str, Any] = {"answered": 0, "rejected_no_pipe": 0, "ended": 0, "late_out": 0,
@@ -216,33 +213,7 @@ class Worker:
     # ---- crash recovery ----------------------------------------------------------------------------
     async def recover(self) -> None:
         """Close what a killed predecessor on this port left: repair recordings, end sessions."""
-        self.journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for entry in sorted(self.journal_dir.glob("*.json")):
-            try:
-                data = json.loads(entry.read_text())
-                with logs.bound(session_id=str(data.get("session_id"))):
-                    await self._recover_one(data)
-                self.stats["recovered"] += 1
-            except Exception:
-                log.exception("could not recover %s", entry)
-            entry.unlink(missing_ok=True)
-
-    async def _recover_one(self, data: dict[str, Any]) -> None:
-        session_id = str(data["session_id"])
-        path = Path(data["recording"]) if data.get("recording") else None
-        if path is not None and path.exists():
-            fixed = repair_wav(path)
-            try:
-                await self.store.get_recording(session_id)
-            except NotFoundError:
-                rate, channels, duration, size, digest = _wav_facts(path)
-                await self.store.add_recording(session_id, str(path), "wav", rate, channels, duration, size,
-                                               digest)
-            log.info("recovered session %s: recording %s (%s, %.1f s)", session_id, path,
-                     "header repaired" if fixed else "header intact", _wav_facts(path)[2])
-        ended = await self.store.end_session(session_id, "worker_crashed")
-        log.info("recovered session %s: %s", session_id,
-                 "ended (worker_crashed)" if ended else "already ended")
+        self.stats["recovered"] += len(await self.journal.recover(self.store))
 
     # ---- endpoint events (on the loop) ---------------------------------------------------------------
     def incoming(self, call: IncomingCall) -> None:
@@ -313,7 +284,9 @@ class Worker:
             session = await start_call(info, state.config, self.engines, input_rate=media.rate,
                                        output_rate=media.rate, store=self.store,
                                        recordings_dir=self.recordings_dir, on_end=on_end,
-                                       on_transfer=on_transfer, prepare=prepare, early_audio=state.early)
+                                       on_transfer=on_transfer, prepare=prepare, early_audio=state.early,
+                                       journal=self.journal,
+                                       journal_note={"sip_call_id": state.incoming.sip_call_id})
         except CallStartFailed:
             log.error("call %d: the session could not start; hanging up", call.key)
             await self.endpoint.run(self.endpoint.hangup, call.key)
@@ -321,7 +294,6 @@ class Worker:
             return
         state.early.clear()
         state.session = session
-        self._journal(state, session)
         if state.gone:
             await end_session(session, "caller_hangup")
             return
@@ -366,8 +338,6 @@ class Worker:
                 log.exception("call %d: hangup failed", state.key)
         self.calls.pop(state.key, None)
         self.stats["ended"] += 1
-        if state.journal is not None:
-            state.journal.unlink(missing_ok=True)
         if state.bridge is not None and state.session is not None:
             media = state.bridge.stats.snapshot()
             for k in ("late_out", "late_in", "frames_out"):
@@ -402,16 +372,6 @@ class Worker:
         return None if code < 300 else "transfer_failed"
 
     # ---- bookkeeping -------------------------------------------------------------------------------
-    def _journal(self, state: CallState, session: PipelineSession) -> None:
-        rec = session.recorder.path if getattr(session, "recorder", None) is not None else None
-        path = self.journal_dir / f"{session.session_id}.json"
-        data = {"session_id": session.session_id, "recording": str(rec) if rec else None,
-                "sip_call_id": state.incoming.sip_call_id, "pid": os.getpid(), "started": time.time()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-        state.journal = path
-
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -465,14 +425,6 @@ def refer_uri(target: str, allowed: list[str], source: str) -> str | None:
     host = source.rsplit(":", 1)[0] if source.count(":") == 1 else source
     port = source.rsplit(":", 1)[1] if source.count(":") == 1 else ""
     return f"sip:{target}@{host}" + (f":{port}" if port else "")
-
-
-def _wav_facts(path: Path) -> tuple[int, int, float, int, str]:
-    """(sample rate, channels, duration s, size bytes, sha256) of a PCM16 WAV written by StereoRecorder."""
-    data = path.read_bytes()
-    channels, rate = struct.unpack("<HI", data[22:28])
-    frames = (len(data) - 44) // (2 * channels)
-    return rate, channels, frames / rate, len(data), hashlib.sha256(data).hexdigest()
 
 
 def _pj_reason(exc: BaseException) -> str:

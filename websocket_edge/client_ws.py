@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +34,7 @@ from speechpipe.pipeline.call import (
     echo_agent,
     start_call,
 )
+from speechpipe.pipeline.journal import SERVER_CRASHED, SessionJournal
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.websocket_edge.keys import (
     AGENT_FACTORY_KEY,
@@ -147,6 +149,7 @@ class ClientEdge:
         self.limits = limits or EdgeLimits.from_settings(self.settings)
         self.connections: set[Connection] = set()
         self.closed_by: dict[str, int] = {}  # close-reason name → count (for /metrics)
+        self.journal = _journal(self.settings)
 
     def use(self, *, engines: Engines | None = None, agent_factory: AgentFactory | None = None) -> None:
         """Explicit engines / agent factory for this edge; they win over the app keys (tests, embedding)."""
@@ -178,6 +181,12 @@ class ClientEdge:
     def live_sessions(self) -> int:
         return sum(1 for c in self.connections if c.session is not None and not c.session.ended.is_set())
 
+    async def recover(self, app: web.Application | None = None) -> None:
+        """On start-up: end the web sessions a crashed `serve` on this port left open (`server_crashed`),
+        with their recordings repaired and registered."""
+        if self.journal is not None:
+            await self.journal.recover(self.store)
+
     async def shutdown(self, app: web.Application | None = None) -> None:
         await asyncio.gather(*(c.finish("server_shutdown", "the server is shutting down", "server_shutdown")
                                for c in list(self.connections)), return_exceptions=True)
@@ -197,6 +206,7 @@ def setup_client_ws(app: web.Application, *, store: Any = None, engines: Engines
                       limits=limits)
     app[CLIENT_EDGE_KEY] = edge
     app.router.add_get("/v1/pipes/{pipe_id}/connect", edge.handle)
+    app.on_startup.append(edge.recover)
     app.on_shutdown.append(edge.shutdown)
     return edge
 
@@ -302,7 +312,8 @@ class Connection:
             session = await start_call(info, config, edge.engines, input_rate=input_rate,
                                        output_rate=output_rate, store=edge.store,
                                        recordings_dir=_recordings_dir(edge.settings),
-                                       on_end=self._on_session_end, prepare=prepare)
+                                       on_end=self._on_session_end, prepare=prepare,
+                                       journal=edge.journal)
         except CallStartFailed as exc:
             self.session = None
             detail = f"the session could not start: its {exc.stage} failed"
@@ -505,6 +516,16 @@ class Connection:
             return
         assert self.outbox is not None
         self.outbox.event({"type": "error", "code": code, "message": message})
+
+
+def _journal(settings: Any) -> SessionJournal | None:
+    """This server's journal of live web sessions: one directory per port, so two servers sharing a data
+    dir never recover each other's sessions (SessionJournal also skips entries of live processes)."""
+    data_dir = getattr(settings, "data_dir", None)
+    if data_dir is None:
+        return None
+    return SessionJournal(Path(data_dir) / "sessions" / f"serve-{getattr(settings, 'port', 0)}",
+                          SERVER_CRASHED)
 
 
 def _recordings_dir(settings: Any) -> Any:
