@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures_web",
     "tests.fixtures_agents",
     "tests.fixtures_sip",
+    "tests.fixtures_serve",
 ]

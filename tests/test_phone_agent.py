@@ -14,18 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,177 +26,19 @@ import aiohttp
 import numpy as np
 import pytest
 
+from tests.fixtures_serve import AGENT_SCRIPT, SPEECHPIPE, Gateway, Proc, cli
 from tests.fixtures_sip import ANSWER, NetNS, baresip_call, read_jsonl, wait_for
 from tests.speech import read_wav, resample, silence, synth, wer, write_wav
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-SPEECHPIPE = str(Path(sys.executable).parent / "speechpipe")
 AGENT_ID = "front-desk"
 EXTENSION = "2000"
 SIP_PORT = 5480
 CALLER, CALLER_NAME = "5551234", "Alice Caller"
 QUESTION = "What time does the library open tomorrow?"
 WEB_TEXT = "Hello from the browser."
-CLONE_NEWNET = 0x40000000
 
-AGENT_SCRIPT = '''"""Test agent: logs calls and user turns to $AGENT_LOG, answers each with $AGENT_REPLY."""
-import asyncio, json, os, sys, time
-
-from speechpipe import AgentRunner, CallContext
-
-
-def log(event, **fields):
-    line = json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, **fields}, default=str)
-    with open(os.environ["AGENT_LOG"], "a", encoding="utf-8") as f:
-        f.write(line + "\\n")
-
-
-async def handle_call(ctx: CallContext) -> None:
-    log("call", session_id=ctx.session_id, direction=ctx.direction, caller=ctx.caller, pipe_id=ctx.pipe_id,
-        agent_id=ctx.agent_id)
-
-    @ctx.session.on("user_turn")
-    def answer(turn):
-        log("user_turn", session_id=ctx.session_id, direction=ctx.direction, text=turn.text)
-        return os.environ["AGENT_REPLY"]
-
-    ctx.session.on("call_end", lambda reason: log("call_end", session_id=ctx.session_id, reason=reason))
-    await ctx.session.run()
-
-
-async def main() -> None:
-    runner = AgentRunner(handle_call, agent_id=sys.argv[1], capacity=4, reconnect_min_s=0.2,
-                         reconnect_max_s=1.0)
-    await runner.start(timeout_s=30)
-    log("registered", worker_id=runner.worker_id)
-    await runner.run()
-
-
-asyncio.run(main())
-'''
-
-
-# ------------------------------------------------------------------------------------------ netns gateway
-
-
-def _connect_in(ns: NetNS, port: int) -> socket.socket:
-    """A TCP connection to 127.0.0.1:`port` inside `ns`. setns() moves only the calling thread, so a fresh
-    thread joins the namespace, connects, and exits: no pooled thread is left inside it."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.setblocking(False)
-            out["sock"] = sock
-        except BaseException as exc:  # handed to the caller's thread
-            out["error"] = exc
-
-    t = threading.Thread(target=run, name="netns-connect")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["sock"]
-
-
-class Gateway:
-    """A Unix socket in the test process that forwards each connection to serve's TCP port in the netns."""
-
-    def __init__(self, ns: NetNS, port: int, path: Path) -> None:
-        self.ns, self.port, self.path = ns, port, path
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> Gateway:
-        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = await asyncio.to_thread(_connect_in, self.ns, self.port)
-        up_reader, up_writer = await asyncio.open_connection(sock=sock)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            with contextlib.suppress(Exception):
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    def http(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.path)))
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.transport.abort()
-        if self._server is not None:
-            self._server.close()
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-class Proc:
-    """A subprocess inside the netns whose stdout+stderr go to a log file."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=log.parent)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def tail(self, n: int = 80) -> str:
-        return f"--- {self.log.name}:\n" + "\n".join(self.text().splitlines()[-n:])
-
-    def stop(self, timeout_s: float = 30) -> int | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def _cli(data_dir: Path, *args: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHPIPE_")}
-    done = subprocess.run([SPEECHPIPE, "--data-dir", str(data_dir), *args, "--json"], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"speechpipe {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return json.loads(done.stdout)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # A Unix socket path must stay under ~107 bytes; pytest's tmp_path can be longer than that.
-    with tempfile.TemporaryDirectory(prefix="sp-phone-") as d:
-        yield Path(d)
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in reversed(started):  # the runner first, then serve (which stops its SIP worker)
-        await asyncio.to_thread(p.stop)
 
 
 # ------------------------------------------------------------------------------------------ the test
@@ -213,8 +48,8 @@ async def test_one_runner_answers_a_phone_call_and_a_web_session_through_serve(
         netns: NetNS, tmp_path: Path, short_tmp: Path, procs: list[Proc], whisper_engine: Any) -> None:
     t0 = time.monotonic()
     data_dir = tmp_path / "data"
-    key = _cli(data_dir, "keys", "create", "--name", "phone-agent-test")
-    pipe = _cli(data_dir, "pipes", "create", "--config",
+    key = cli(data_dir, "keys", "create", "--name", "phone-agent-test")
+    pipe = cli(data_dir, "pipes", "create", "--config",
                 json.dumps({"agent_id": AGENT_ID, "sip_extension": EXTENSION}))
     assert pipe["agent_id"] == AGENT_ID
 
