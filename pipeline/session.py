@@ -188,6 +188,8 @@ class PipelineSession:
         self.start_stage = "tts"
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
+        self.speaker.on_error = lambda detail: self._engine_failed(
+            TTS_FAILED, "a sentence could not be spoken", detail)
         self.start_stage = "recording"
         self.recorder: StereoRecorder | None = None
         if self.recording_path is not None:
@@ -297,8 +299,10 @@ class PipelineSession:
                 self._check_silence()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("session %s: input processing failed", self.session_id)
+            self._engine_failed(PIPELINE_FAILED, "the session's audio processing failed; it ends",
+                                f"{type(exc).__name__}: {exc}")
             self._spawn(self.end("error"))
 
     def _native_vote(self, voiced: bool) -> None:
@@ -394,8 +398,9 @@ class PipelineSession:
         endpoint_wall = time.monotonic()
         try:
             transcript: Transcript = await fut
-        except Exception:
+        except Exception as exc:
             log.exception("session %s: STT failed; the utterance is lost", self.session_id)
+            self._engine_failed(STT_FAILED, "speech could not be transcribed", f"{type(exc).__name__}: {exc}")
             self._barge_resume("stt failed")
             return
         text = transcript.text.strip()
@@ -409,9 +414,10 @@ class PipelineSession:
     async def _short_utterance(self, fut: asyncio.Future[Transcript], start_ms: int, end_ms: int) -> None:
         try:
             text = (await fut).text.strip()
-        except Exception:
+        except Exception as exc:
             log.exception("session %s: STT failed on a short utterance %d-%d ms", self.session_id,
                           start_ms, end_ms)
+            self._engine_failed(STT_FAILED, "speech could not be transcribed", f"{type(exc).__name__}: {exc}")
             self._barge_resume("stt failed")
             return
         await self._judge_utterance(text, start_ms, end_ms, self._last_voiced_wall, short=True)
@@ -594,6 +600,16 @@ class PipelineSession:
             await self.agent.send(message)
         except AgentGone as exc:
             self._agent_gone(str(exc))
+
+    def _engine_failed(self, code: str, message: str, detail: str) -> None:
+        """An engine failed mid-session: the client gets an `error` event and the agent an `error` frame
+        with the same stable code (`stt_failed`, `tts_failed`, `pipeline_failed`); the cause (`detail`,
+        which may name server paths) goes to the log only. Counted in the session's metrics."""
+        self.counts[code] += 1
+        self._emit(ev.Error(code, message))
+        if self.agent is not None and not self.ended.is_set():
+            self._spawn(self._to_agent({"type": msg.ERROR, "code": code, "message": message}))
+        log.warning("session %s: %s (%s)", self.session_id, code, detail[:300])
 
     def _agent_gone(self, why: str) -> None:
         if self._end_after_speech or self.ended.is_set():
@@ -853,7 +869,9 @@ class PipelineSession:
         in order, at most MAX_TURN_LATENCIES), counts, and p50/p95/max of every measured series."""
         latencies = self.metrics.get("response_ms", [])
         counts = {k: self.counts[k] for k in COUNTED}
+        errors = {k: self.counts[k] for k in ENGINE_ERRORS if self.counts[k]}
         return {**counts, "turn_latencies_ms": [round(v) for v in latencies[:MAX_TURN_LATENCIES]],
+                **({"engine_errors": errors} if errors else {}),
                 **{k: _summary(v) for k, v in self.metrics.items() if v}}
 
 
@@ -862,6 +880,9 @@ MAX_TURN_LATENCIES = 500  # keeps a very long call's metrics JSON small; the sum
 # then turned out to be noise or a backchannel (the agent resumed).
 # non_turns: user speech kept but not made a turn (`user.non_turn`: backchannels, noise).
 COUNTED = ("user_turns", "agent_turns", "interruptions", "false_barge_ins", "non_turns")
+# Engine failures mid-session: `error` events to the client and the agent, counted under `engine_errors`.
+STT_FAILED, TTS_FAILED, PIPELINE_FAILED = "stt_failed", "tts_failed", "pipeline_failed"
+ENGINE_ERRORS = (STT_FAILED, TTS_FAILED, PIPELINE_FAILED)
 
 
 def _summary(values: list[float]) -> dict[str, float]:

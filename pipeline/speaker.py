@@ -112,6 +112,7 @@ class Speaker:
         # Per synthesized sentence: first_audio_ms (synthesis start → first chunk), compute_ms (synthesis
         # time, waits for buffer space excluded) and audio_s; the session emits it as a `tts` metric.
         self.on_metric: Callable[[dict[str, float]], None] | None = None
+        self.on_error: Callable[[str], None] | None = None  # a sentence the TTS engine failed on
         self._waited_s = 0.0  # time synthesis spent blocked on a full buffer
 
     # ---- text in (session loop) -------------------------------------------------------------------
@@ -157,8 +158,10 @@ class Speaker:
                 await self._synthesize(reply, text)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("TTS failed for %r; the sentence is skipped", text[:80])
+                if self.on_error is not None:
+                    self.on_error(f"{type(exc).__name__}: {exc}")
 
     async def _synthesize(self, reply: Reply, text: str) -> None:
         sentence = Sentence(text=text)

@@ -9,6 +9,8 @@ import pytest
 
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.config import PipeConfig
+from speechpipe.pipeline.session import Engines
+from speechpipe.pipeline.tts import EspeakTTS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -57,3 +59,21 @@ async def test_an_empty_apology_says_nothing_but_still_tells_the_client(agent_ch
     await call.wait(ev.AgentError, lambda e: e.agent_code == "hook_failed")
     assert await call.ask("next") == "You said: next"
     assert all(e.text != APOLOGY for e in call.of(ev.AgentSpeechDone))
+
+
+async def test_an_engine_failing_mid_call_is_an_error_to_client_and_agent(agent_channel) -> None:
+    ch = await agent_channel()
+    runner = await ch.runner()
+    engines = Engines()
+    engines.tts = EspeakTTS(binary="false")  # the TTS program fails at run time (exits 1, no audio)
+    call = await ch.call(engines=engines)
+    call.session.push_text("hello there")
+    err = await call.wait(ev.Error, lambda e: e.code == "tts_failed")
+    assert "false" not in err.message  # the cause is logged, not sent
+    told = await runner.wait_event("error", lambda e: e["code"] == "tts_failed")
+    assert told["message"] == err.message
+    # The session goes on (the agent's text still arrives; the client knows why it hears nothing).
+    assert not call.session.ended.is_set()
+    await call.session.end("test_over")
+    row = await ch.astore.get_session(call.session_id)
+    assert row.metrics["engine_errors"]["tts_failed"] >= 1
