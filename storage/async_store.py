@@ -21,6 +21,7 @@ from speechpipe.storage.records import (
     Page,
     Pipe,
     Recording,
+    SessionEvent,
     SessionRecord,
     TokenGrant,
     Turn,
@@ -119,9 +120,15 @@ class AsyncStore:
     # Turns and recordings
     async def add_turn(self, session_id: str, seq: int, role: str, text: str, start_ms: int | None,
                        end_ms: int | None, interrupted: bool = False, heard_text: str | None = None,
-                       kind: str = "turn") -> Turn:
+                       kind: str = "turn", redacted: bool = False) -> Turn:
         return await self._run(self.store.add_turn, session_id, seq, role, text, start_ms, end_ms,
-                               interrupted, heard_text, kind)
+                               interrupted, heard_text, kind, redacted)
+
+    async def add_session_event(self, session_id: str, kind: str, at_ms: int | None) -> SessionEvent:
+        return await self._run(self.store.add_session_event, session_id, kind, at_ms)
+
+    async def list_session_events(self, session_id: str) -> list[SessionEvent]:
+        return await self._run(self.store.list_session_events, session_id)
 
     async def list_turns(self, session_id: str) -> list[Turn]:
         return await self._run(self.store.list_turns, session_id)

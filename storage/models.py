@@ -160,6 +160,21 @@ class TurnRow(Base):
     # 'turn': a turn of the conversation. User speech that was not one is kept too, marked: 'backchannel'
     # (only "mm-hm", "okay"…, said over the agent, which carried on) or 'noise' (no meaningful words).
     kind: Mapped[str] = mapped_column(String(16), default="turn", server_default="turn")
+    # Said while the agent had paused the recording: `text` is "[redacted]" (the agent got the words).
+    redacted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SessionEventRow(Base):
+    """What happened to a session besides its turns, in order: `recording_paused`, `recording_resumed`.
+    `at_ms` is the offset into the recording, like a turn's `start_ms`."""
+
+    __tablename__ = "session_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    at_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -100,6 +100,16 @@ class Turn:
     heard_text: str | None
     created_at: datetime
     kind: str = "turn"  # TURN_KINDS
+    redacted: bool = False  # said while the recording was paused: text is REDACTED
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    id: int
+    session_id: str
+    kind: str  # SESSION_EVENT_KINDS
+    at_ms: int | None
+    created_at: datetime
 
 
 @dataclass(frozen=True)

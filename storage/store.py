@@ -39,6 +39,7 @@ from speechpipe.storage.models import (
     ApiKeyRow,
     PipeRow,
     RecordingRow,
+    SessionEventRow,
     SessionRow,
     SessionTokenRow,
     TurnRow,
@@ -51,6 +52,7 @@ from speechpipe.storage.records import (
     Page,
     Pipe,
     Recording,
+    SessionEvent,
     SessionRecord,
     TokenGrant,
     Turn,
@@ -62,9 +64,12 @@ TOKENS = SessionTokenRow.__table__
 SESSIONS = SessionRow.__table__
 TURNS = TurnRow.__table__
 RECORDINGS = RecordingRow.__table__
+SESSION_EVENTS = SessionEventRow.__table__
 
 ROLES: Final = ("user", "agent")
 TURN_KINDS: Final = ("turn", "backchannel", "noise")  # see TurnRow.kind
+REDACTED: Final = "[redacted]"  # the stored text of a turn said while the recording was paused
+SESSION_EVENT_KINDS: Final = ("recording_paused", "recording_resumed")  # see SessionEventRow
 MAX_METADATA_BYTES: Final = 16 * 1024
 MAX_PAGE: Final = 200
 
@@ -414,7 +419,11 @@ class Store:
 
     def add_turn(self, session_id: str, seq: int, role: str, text: str, start_ms: int | None,
                  end_ms: int | None, interrupted: bool = False, heard_text: str | None = None,
-                 kind: str = "turn") -> Turn:
+                 kind: str = "turn", redacted: bool = False) -> Turn:
+        """Store one turn. `redacted`: it was said while the recording was paused, so its text (and heard
+        text) are stored as REDACTED whatever is passed."""
+        if redacted:
+            text, heard_text = REDACTED, (REDACTED if heard_text else heard_text)
         if role not in ROLES:
             raise ValidationError("role must be 'user' or 'agent'")
         if kind not in TURN_KINDS:
@@ -434,10 +443,11 @@ class Store:
             turn_id = conn.execute(insert(TURNS).values(
                 session_id=session_id, seq=seq, role=role, text=text, start_ms=start_ms, end_ms=end_ms,
                 interrupted=bool(interrupted), heard_text=heard_text, created_at=now, kind=kind,
+                redacted=bool(redacted),
             ).returning(TURNS.c.id)).scalar_one()
         return Turn(id=turn_id, session_id=session_id, seq=seq, role=role, text=text, start_ms=start_ms,
                     end_ms=end_ms, interrupted=bool(interrupted), heard_text=heard_text, created_at=now,
-                    kind=kind)
+                    kind=kind, redacted=bool(redacted))
 
     def list_turns(self, session_id: str) -> list[Turn]:
         """The session's turns in `seq` order; raises NotFoundError for an unknown session."""
@@ -447,6 +457,31 @@ class Store:
             rows = conn.execute(select(TURNS).where(TURNS.c.session_id == session_id)
                                 .order_by(TURNS.c.seq)).mappings()
             return [Turn(**{k: r[k] for k in Turn.__dataclass_fields__}) for r in rows]
+
+    # ---------------------------------------------------------------- session events
+
+    def add_session_event(self, session_id: str, kind: str, at_ms: int | None) -> SessionEvent:
+        if kind not in SESSION_EVENT_KINDS:
+            raise ValidationError(f"kind must be one of {', '.join(SESSION_EVENT_KINDS)}")
+        if at_ms is not None and not (isinstance(at_ms, int) and 0 <= at_ms < 2**31):
+            raise ValidationError("at_ms must be a non-negative 32-bit integer")
+        now = utcnow()
+        with self._write() as conn:
+            if conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == session_id)).first() is None:
+                raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+            event_id = conn.execute(insert(SESSION_EVENTS).values(
+                session_id=session_id, kind=kind, at_ms=at_ms, created_at=now,
+            ).returning(SESSION_EVENTS.c.id)).scalar_one()
+        return SessionEvent(id=event_id, session_id=session_id, kind=kind, at_ms=at_ms, created_at=now)
+
+    def list_session_events(self, session_id: str) -> list[SessionEvent]:
+        """The session's events in the order they were stored; NotFoundError for an unknown session."""
+        with self._read() as conn:
+            if conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == session_id)).first() is None:
+                raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+            rows = conn.execute(select(SESSION_EVENTS).where(SESSION_EVENTS.c.session_id == session_id)
+                                .order_by(SESSION_EVENTS.c.id)).mappings()
+            return [SessionEvent(**{k: r[k] for k in SessionEvent.__dataclass_fields__}) for r in rows]
 
     # ---------------------------------------------------------------- recordings
 

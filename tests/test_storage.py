@@ -19,7 +19,7 @@ from speechpipe.storage.migrate import current_revision, head_revision
 from speechpipe.storage.models import Base
 from tests.fixtures_db import DbFactory
 
-TABLES = {"api_keys", "pipes", "session_tokens", "sessions", "turns", "recordings"}
+TABLES = {"api_keys", "pipes", "session_tokens", "sessions", "turns", "recordings", "session_events"}
 
 
 def test_migrations_upgrade_an_empty_database_to_exactly_the_models(db_factory: DbFactory) -> None:
@@ -307,3 +307,21 @@ async def test_async_store_runs_the_same_queries(store: Store) -> None:
         assert (await astore.get_pipe(pipe.id)).agent_id == "async-bot"
     finally:
         astore.close()
+
+
+def test_redacted_turns_and_session_events(store: Store) -> None:
+    pipe = store.create_pipe({"agent_id": "redaction"})
+    sid = store.create_session(pipe.id, "redaction", "web")
+    store.add_turn(sid, 1, "user", "my card number is 4111", 0, 900)
+    store.add_session_event(sid, "recording_paused", 1000)
+    paused = store.add_turn(sid, 2, "user", "4111 1111 1111 1111", 1200, 3000, redacted=True)
+    store.add_session_event(sid, "recording_resumed", 3500)
+    assert (paused.text, paused.redacted) == ("[redacted]", True)
+    turns = store.list_turns(sid)
+    assert [(t.text, t.redacted) for t in turns] == [("my card number is 4111", False), ("[redacted]", True)]
+    assert [(e.kind, e.at_ms) for e in store.list_session_events(sid)] == [
+        ("recording_paused", 1000), ("recording_resumed", 3500)]
+    with pytest.raises(ValidationError):
+        store.add_session_event(sid, "dance", 0)
+    with pytest.raises(NotFoundError):
+        store.list_session_events("sess_nope")
