@@ -1,4 +1,5 @@
-"""The `speechpipe` command: serve, db upgrade, keys create|list|revoke, pipes create|list, demo.
+"""The `speechpipe` command: serve, db upgrade, workspaces create|list, keys create|list|revoke,
+pipes create|list, demo.
 
 Global options override the `SPEECHPIPE_*` environment (see `speechpipe.settings`). Commands that open
 the database migrate it first, so every command works on a fresh data directory. `serve` imports no
@@ -48,11 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply pending schema migrations")
 
+    ws = sub.add_parser("workspaces", help="workspaces: each key sees only its own workspace's pipes and "
+                        "sessions").add_subparsers(dest="workspaces_command", required=True)
+    wc = ws.add_parser("create", help="create a workspace")
+    wc.add_argument("name")
+    wc.add_argument("--json", action="store_true", help="print JSON")
+    wl = ws.add_parser("list", help="list workspaces")
+    wl.add_argument("--json", action="store_true", help="print JSON")
+
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create an API key (its secret is shown only once)")
     kc.add_argument("--name", help="a label for the key")
+    kc.add_argument("--workspace", default="default", help="the workspace the key acts in (default: default)")
     kc.add_argument("--json", action="store_true", help="print JSON")
     kl = keys.add_parser("list", help="list API keys")
+    kl.add_argument("--workspace", help="only the keys of this workspace")
     kl.add_argument("--json", action="store_true", help="print JSON")
     kr = keys.add_parser("revoke", help="revoke an API key (its unused session tokens stop working too)")
     kr.add_argument("key_id")
@@ -62,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--agent-id", help="the agent that answers this pipe's sessions")
     pc.add_argument("--name", help="a label for the pipe")
     pc.add_argument("--config", help="pipe config as JSON, or @file.json")
+    pc.add_argument("--workspace", default="default", help="the pipe's workspace (default: default)")
     pc.add_argument("--json", action="store_true", help="print JSON")
     pl = pipes.add_parser("list", help="list pipes")
+    pl.add_argument("--workspace", help="only the pipes of this workspace")
     pl.add_argument("--json", action="store_true", help="print JSON")
 
     d = sub.add_parser("demo", help="create (first run) or show the demo API key and pipe")
@@ -245,23 +258,48 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_workspaces(args: argparse.Namespace, settings: Settings) -> int:
+    store = _open_store(settings)
+    try:
+        if args.workspaces_command == "create":
+            ws = store.create_workspace(args.name)
+            if args.json:
+                _print_json(_workspace_dict(ws))
+            else:
+                print(f"created workspace {ws.name} ({ws.id})")
+                print(f"next: speechpipe keys create --workspace {ws.name}")
+        else:
+            spaces = store.list_workspaces()
+            if args.json:
+                _print_json([_workspace_dict(w) for w in spaces])
+            else:
+                _print_table(["ID", "NAME", "CREATED"], [[w.id, w.name, _ts(w.created_at)] for w in spaces])
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     store = _open_store(settings)
     try:
+        names = {w.id: w.name for w in store.list_workspaces()}
         if args.keys_command == "create":
-            new = store.create_api_key(args.name)
+            new = store.create_api_key(args.name, workspace=args.workspace)
             if args.json:
-                _print_json({**_key_dict(new.key), "secret": new.secret})
+                _print_json({**_key_dict(new.key, names), "secret": new.secret})
             else:
-                print(f"created API key {new.key.id}" + (f" ({new.key.name})" if new.key.name else ""))
+                print(f"created API key {new.key.id}" + (f" ({new.key.name})" if new.key.name else "")
+                      + f" in workspace {names.get(new.key.workspace_id, new.key.workspace_id)}")
                 print(f"secret (shown only once, store it now): {new.secret}")
         elif args.keys_command == "list":
-            keys = store.list_api_keys()
+            ws_id = store.get_workspace(args.workspace).id if args.workspace else None
+            keys = store.list_api_keys(workspace_id=ws_id)
             if args.json:
-                _print_json([_key_dict(k) for k in keys])
+                _print_json([_key_dict(k, names) for k in keys])
             else:
-                _print_table(["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], [
-                    [k.id, k.name or "", k.prefix + "…", _ts(k.created_at), _ts(k.revoked_at)] for k in keys])
+                _print_table(["ID", "NAME", "WORKSPACE", "PREFIX", "CREATED", "REVOKED"], [
+                    [k.id, k.name or "", names.get(k.workspace_id, k.workspace_id), k.prefix + "…",
+                     _ts(k.created_at), _ts(k.revoked_at)] for k in keys])
         else:
             key = store.revoke_api_key(args.key_id)
             print(f"revoked API key {key.id} ({key.prefix}…) at {_ts(key.revoked_at)}")
@@ -280,15 +318,17 @@ def cmd_pipes(args: argparse.Namespace, settings: Settings) -> int:
             if "agent_id" not in config:
                 print("error: give --agent-id (or agent_id in --config)", file=sys.stderr)
                 return 2
-            pipe = store.create_pipe(config, name=args.name)
+            pipe = store.create_pipe(config, name=args.name,
+                                     workspace_id=store.get_workspace(args.workspace).id)
             if args.json:
                 _print_json(_pipe_dict(pipe))
             else:
                 print(f"created pipe {pipe.id} (agent_id {pipe.agent_id})")
         else:
             pipes, cursor = [], None
+            ws_id = store.get_workspace(args.workspace).id if args.workspace else None
             while True:
-                page = store.list_pipes(limit=200, cursor=cursor)
+                page = store.list_pipes(limit=200, cursor=cursor, workspace_id=ws_id)
                 pipes += page.items
                 if not (cursor := page.next_cursor):
                     break
@@ -351,13 +391,19 @@ def _ts(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
 
 
-def _key_dict(k: Any) -> dict[str, Any]:
-    return {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at.isoformat(),
+def _workspace_dict(w: Any) -> dict[str, Any]:
+    return {"id": w.id, "name": w.name, "created_at": w.created_at.isoformat()}
+
+
+def _key_dict(k: Any, workspaces: dict[str, str]) -> dict[str, Any]:
+    return {"id": k.id, "name": k.name, "prefix": k.prefix, "workspace_id": k.workspace_id,
+            "workspace": workspaces.get(k.workspace_id), "created_at": k.created_at.isoformat(),
             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
 
 
 def _pipe_dict(p: Any) -> dict[str, Any]:
-    return {"id": p.id, "name": p.name, "agent_id": p.agent_id, "config": p.config,
+    return {"id": p.id, "name": p.name, "agent_id": p.agent_id, "workspace_id": p.workspace_id,
+            "config": p.config,
             "created_at": p.created_at.isoformat(), "updated_at": p.updated_at.isoformat()}
 
 
@@ -371,7 +417,8 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-_COMMANDS = {"serve": cmd_serve, "db": cmd_db, "keys": cmd_keys, "pipes": cmd_pipes, "demo": cmd_demo}
+_COMMANDS = {"serve": cmd_serve, "db": cmd_db, "workspaces": cmd_workspaces, "keys": cmd_keys,
+             "pipes": cmd_pipes, "demo": cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ from speechpipe.storage.records import (  # noqa: E402
     SessionRecord,
     TokenGrant,
     Turn,
+    Workspace,
 )
 from speechpipe.storage.store import Store  # noqa: E402
 
@@ -33,4 +34,5 @@ __all__ = [
     "Store",
     "TokenGrant",
     "Turn",
+    "Workspace",
 ]

@@ -1,4 +1,5 @@
 """Demo mode's fixtures: one API key and one pipe bound to agent `demo-echo`, remembered across runs.
+Both live in the `default` workspace (a demo runner registers with the demo key, so it serves that pipe).
 
 The demo key's secret is shown once like any key, so it is also kept in `<data_dir>/demo.json` (mode 0600)
 for `speechpipe demo` / `serve --demo` to print again later. If the database no longer has the key or pipe
@@ -38,9 +39,13 @@ def ensure_demo(store: Store, data_dir: Path) -> DemoInfo:
         except (OSError, ValueError):
             saved = {}
 
+    workspace_id = store.default_workspace_id()
     key_id, secret, created_key = saved.get("api_key_id"), saved.get("api_key"), False
     try:
-        if not (key_id and secret) or store.verify_api_key(secret).id != key_id:
+        if not (key_id and secret):
+            raise LookupError
+        key = store.verify_api_key(secret)
+        if key.id != key_id or key.workspace_id != workspace_id:
             raise LookupError
     except (SpeechPipeError, LookupError):
         new = store.create_api_key("demo")
@@ -48,10 +53,11 @@ def ensure_demo(store: Store, data_dir: Path) -> DemoInfo:
 
     pipe_id, created_pipe = saved.get("pipe_id"), False
     try:
-        if not pipe_id or store.get_pipe(pipe_id).agent_id != DEMO_AGENT_ID:
+        if not pipe_id or store.get_pipe(pipe_id, workspace_id=workspace_id).agent_id != DEMO_AGENT_ID:
             raise LookupError
     except (SpeechPipeError, LookupError):
-        pipe_id, created_pipe = store.create_pipe({"agent_id": DEMO_AGENT_ID}, name="demo").id, True
+        pipe_id, created_pipe = store.create_pipe({"agent_id": DEMO_AGENT_ID}, name="demo",
+                                                  workspace_id=workspace_id).id, True
 
     info = DemoInfo(api_key_id=key_id, api_key=secret, pipe_id=pipe_id, created_key=created_key,
                     created_pipe=created_pipe)

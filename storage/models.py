@@ -75,10 +75,22 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class WorkspaceRow(Base):
+    """Who owns what: every API key and pipe belongs to one workspace, sessions through their pipe. A key
+    sees and acts on its own workspace's objects only; `default` holds everything made before workspaces."""
+
+    __tablename__ = "workspaces"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     # The first characters of the secret, safe to display ("spk_Ab3dE...").
     prefix: Mapped[str] = mapped_column(String(32))
@@ -92,6 +104,8 @@ class PipeRow(Base):
     __table_args__ = (Index(None, "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # The workspace of the key that created it; its sessions belong there too (joined through pipe_id).
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     # Copied from config["agent_id"] so it can be filtered and joined on.
     agent_id: Mapped[str] = mapped_column(String(128), index=True)

@@ -10,12 +10,22 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Workspace:
+    """Who owns keys, pipes and (through their pipe) sessions; a key acts inside its own workspace only."""
+
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class ApiKey:
     id: str
     name: str | None
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    workspace_id: str
 
     @property
     def revoked(self) -> bool:
@@ -38,6 +48,7 @@ class Pipe:
     config: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    workspace_id: str
 
 
 @dataclass(frozen=True)

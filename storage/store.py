@@ -43,6 +43,7 @@ from speechpipe.storage.models import (
     SessionRow,
     SessionTokenRow,
     TurnRow,
+    WorkspaceRow,
     utcnow,
 )
 from speechpipe.storage.records import (
@@ -56,8 +57,10 @@ from speechpipe.storage.records import (
     SessionRecord,
     TokenGrant,
     Turn,
+    Workspace,
 )
 
+WORKSPACES = WorkspaceRow.__table__
 API_KEYS = ApiKeyRow.__table__
 PIPES = PipeRow.__table__
 TOKENS = SessionTokenRow.__table__
@@ -72,6 +75,8 @@ REDACTED: Final = "[redacted]"  # the stored text of a turn said while the recor
 SESSION_EVENT_KINDS: Final = ("recording_paused", "recording_resumed")  # see SessionEventRow
 MAX_METADATA_BYTES: Final = 16 * 1024
 MAX_PAGE: Final = 200
+DEFAULT_WORKSPACE: Final = "default"  # made by migration 0004; holds what existed before workspaces
+WORKSPACE_NOT_FOUND: Final = "workspace_not_found"
 
 
 class _Unset:
@@ -92,6 +97,7 @@ class Store:
         # Same pool; on SQLite its transactions start with BEGIN IMMEDIATE (see storage.engine).
         self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
         self.token_ttl_s = token_ttl_s
+        self._default_workspace_id: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, *, upgrade: bool = False) -> Store:
@@ -131,23 +137,77 @@ class Store:
         with self._write_engine.begin() as conn:
             yield conn
 
+    # ---------------------------------------------------------------- workspaces
+    #
+    # Scoping: methods that read or change a pipe, token, session, turn or recording take `workspace_id`,
+    # the caller's workspace (the API key's). An object of another workspace answers NotFoundError with the
+    # same code as a missing one, so its existence is never revealed. `workspace_id=None` is the system
+    # acting (the pipeline writing turns, telephony finding a pipe by extension, the CLI): no scope.
+    # Sessions belong to their pipe's workspace: the scope joins through `sessions.pipe_id`.
+
+    def create_workspace(self, name: str) -> Workspace:
+        _check_text("name", name, 200, required=True)
+        ws = Workspace(id=cred.new_id("ws"), name=name, created_at=utcnow())
+        with self._write() as conn:
+            if conn.execute(select(WORKSPACES.c.id).where(WORKSPACES.c.name == name)).first() is not None:
+                raise ConflictError(f"a workspace named {name!r} already exists")
+            conn.execute(insert(WORKSPACES).values(id=ws.id, name=ws.name, created_at=ws.created_at))
+        return ws
+
+    def list_workspaces(self) -> list[Workspace]:
+        with self._read() as conn:
+            rows = conn.execute(select(WORKSPACES).order_by(WORKSPACES.c.created_at, WORKSPACES.c.id))
+            return [_workspace(r) for r in rows.mappings()]
+
+    def get_workspace(self, name_or_id: str) -> Workspace:
+        """A workspace by name (or by `ws_...` id); NotFoundError(`workspace_not_found`)."""
+        with self._read() as conn:
+            row = self._workspace_row(conn, name_or_id)
+        return _workspace(row)
+
+    def default_workspace_id(self) -> str:
+        if self._default_workspace_id is None:
+            self._default_workspace_id = self.get_workspace(DEFAULT_WORKSPACE).id
+        return self._default_workspace_id
+
+    def _workspace_row(self, conn: Connection, name_or_id: str) -> Mapping[str, Any]:
+        if not isinstance(name_or_id, str):
+            raise ValidationError("workspace must be a string")
+        col = WORKSPACES.c.id if cred.is_id_shaped(name_or_id, "ws") else WORKSPACES.c.name
+        row = conn.execute(select(WORKSPACES).where(col == name_or_id)).mappings().first()
+        if row is None:
+            raise NotFoundError(f"no workspace {name_or_id[:200]!r}", code=WORKSPACE_NOT_FOUND)
+        return row
+
+    def pipe_workspace(self, pipe_id: str) -> str:
+        """The workspace id of a pipe, deleted or not (its sessions may outlive it): for the system only."""
+        with self._read() as conn:
+            ws = conn.execute(select(PIPES.c.workspace_id).where(PIPES.c.id == pipe_id)).scalar()
+        if ws is None:
+            raise NotFoundError(f"no pipe {pipe_id!r}", code=Code.PIPE_NOT_FOUND)
+        return str(ws)
+
     # ---------------------------------------------------------------- API keys
 
-    def create_api_key(self, name: str | None = None) -> NewApiKey:
+    def create_api_key(self, name: str | None = None, *, workspace: str = DEFAULT_WORKSPACE) -> NewApiKey:
+        """A new key in `workspace` (its name, or its `ws_...` id); the secret exists only in the result."""
         _check_text("name", name, 200)
         secret = cred.new_api_key()
-        key = ApiKey(id=cred.new_id("key"), name=name, prefix=secret[: cred.DISPLAY_PREFIX_LEN],
-                     created_at=utcnow(), revoked_at=None)
         with self._write() as conn:
+            ws_id = self._workspace_row(conn, workspace)["id"]
+            key = ApiKey(id=cred.new_id("key"), name=name, prefix=secret[: cred.DISPLAY_PREFIX_LEN],
+                         created_at=utcnow(), revoked_at=None, workspace_id=ws_id)
             conn.execute(insert(API_KEYS).values(
                 id=key.id, name=key.name, prefix=key.prefix, secret_hash=cred.hash_secret(secret),
-                created_at=key.created_at, revoked_at=None))
+                created_at=key.created_at, revoked_at=None, workspace_id=ws_id))
         return NewApiKey(key=key, secret=secret)
 
-    def list_api_keys(self, *, include_revoked: bool = True) -> list[ApiKey]:
+    def list_api_keys(self, *, include_revoked: bool = True, workspace_id: str | None = None) -> list[ApiKey]:
         q = select(API_KEYS).order_by(API_KEYS.c.created_at, API_KEYS.c.id)
         if not include_revoked:
             q = q.where(API_KEYS.c.revoked_at.is_(None))
+        if workspace_id is not None:
+            q = q.where(API_KEYS.c.workspace_id == workspace_id)
         with self._read() as conn:
             return [_api_key(r) for r in conn.execute(q).mappings()]
 
@@ -184,28 +244,33 @@ class Store:
 
     # ---------------------------------------------------------------- pipes
 
-    def create_pipe(self, config: PipeConfig | Mapping[str, Any], name: str | None = None) -> Pipe:
+    def create_pipe(self, config: PipeConfig | Mapping[str, Any], name: str | None = None, *,
+                    workspace_id: str | None = None) -> Pipe:
+        """A pipe in `workspace_id` (the creating key's; None: the default workspace)."""
         cfg = validate_pipe_config(config)
         _check_text("name", name, 200)
+        ws_id = workspace_id if workspace_id is not None else self.default_workspace_id()
         now = utcnow()
         pipe = Pipe(id=cred.new_id("pipe"), name=name, agent_id=cfg.agent_id,
-                    config=cfg.model_dump(mode="json"), created_at=now, updated_at=now)
+                    config=cfg.model_dump(mode="json"), created_at=now, updated_at=now, workspace_id=ws_id)
         with self._write() as conn:
             conn.execute(insert(PIPES).values(
                 id=pipe.id, name=pipe.name, agent_id=pipe.agent_id, config=pipe.config,
-                created_at=now, updated_at=now, deleted_at=None))
+                created_at=now, updated_at=now, deleted_at=None, workspace_id=ws_id))
         return pipe
 
-    def get_pipe(self, pipe_id: str) -> Pipe:
-        """A live (not deleted) pipe; raises NotFoundError(`pipe_not_found`)."""
+    def get_pipe(self, pipe_id: str, *, workspace_id: str | None = None) -> Pipe:
+        """A live (not deleted) pipe of the workspace; raises NotFoundError(`pipe_not_found`)."""
         with self._read() as conn:
-            row = self._pipe_row(conn, pipe_id)
+            row = self._pipe_row(conn, pipe_id, workspace_id=workspace_id)
         return _pipe(row)
 
     def list_pipes(self, *, limit: int = 50, cursor: str | None = None,
-                   agent_id: str | None = None) -> Page[Pipe]:
+                   agent_id: str | None = None, workspace_id: str | None = None) -> Page[Pipe]:
         limit = _check_limit(limit)
         q = select(PIPES).where(PIPES.c.deleted_at.is_(None))
+        if workspace_id is not None:
+            q = q.where(PIPES.c.workspace_id == workspace_id)
         if agent_id is not None:
             q = q.where(PIPES.c.agent_id == agent_id)
         if cursor is not None:
@@ -220,12 +285,12 @@ class Store:
 
     def update_pipe(self, pipe_id: str, *, name: str | _Unset | None = UNSET,
                     config: PipeConfig | Mapping[str, Any] | None = None,
-                    config_patch: Mapping[str, Any] | None = None) -> Pipe:
+                    config_patch: Mapping[str, Any] | None = None, workspace_id: str | None = None) -> Pipe:
         """Replaces `config`, or merges `config_patch` into it (JSON merge patch: null resets to default)."""
         if not isinstance(name, _Unset):
             _check_text("name", name, 200)
         with self._write() as conn:
-            row = self._pipe_row(conn, pipe_id, for_update=True)
+            row = self._pipe_row(conn, pipe_id, for_update=True, workspace_id=workspace_id)
             new_config: dict[str, Any] = dict(row["config"])
             if config is not None:
                 new_config = validate_pipe_config(config).model_dump(mode="json")
@@ -240,16 +305,21 @@ class Store:
             row = self._pipe_row(conn, pipe_id)
         return _pipe(row)
 
-    def delete_pipe(self, pipe_id: str) -> None:
+    def delete_pipe(self, pipe_id: str, *, workspace_id: str | None = None) -> None:
         """Deletes a pipe: gone from the API, its unused tokens stop working; its sessions stay."""
+        q = update(PIPES).where(PIPES.c.id == pipe_id, PIPES.c.deleted_at.is_(None))
+        if workspace_id is not None:
+            q = q.where(PIPES.c.workspace_id == workspace_id)
         with self._write() as conn:
-            res = conn.execute(update(PIPES).where(PIPES.c.id == pipe_id, PIPES.c.deleted_at.is_(None))
-                               .values(deleted_at=utcnow()))
+            res = conn.execute(q.values(deleted_at=utcnow()))
         if res.rowcount != 1:
             raise NotFoundError(f"no pipe {pipe_id!r}", code=Code.PIPE_NOT_FOUND)
 
-    def _pipe_row(self, conn: Connection, pipe_id: str, *, for_update: bool = False) -> Mapping[str, Any]:
+    def _pipe_row(self, conn: Connection, pipe_id: str, *, for_update: bool = False,
+                  workspace_id: str | None = None) -> Mapping[str, Any]:
         q = select(PIPES).where(PIPES.c.id == pipe_id, PIPES.c.deleted_at.is_(None))
+        if workspace_id is not None:
+            q = q.where(PIPES.c.workspace_id == workspace_id)
         if for_update and conn.dialect.name == "postgresql":
             q = q.with_for_update()
         row = conn.execute(q).mappings().first()
@@ -260,15 +330,17 @@ class Store:
     # ---------------------------------------------------------------- session tokens
 
     def mint_token(self, pipe_id: str, *, api_key_id: str | None = None,
-                   metadata: Mapping[str, Any] | None = None, ttl_s: float | None = None) -> MintedToken:
-        """A single-use token for one session on `pipe_id`; only its hash is stored."""
+                   metadata: Mapping[str, Any] | None = None, ttl_s: float | None = None,
+                   workspace_id: str | None = None) -> MintedToken:
+        """A single-use token for one session on `pipe_id` (a pipe of `workspace_id`); only its hash is
+        stored."""
         meta = _check_metadata(metadata)
         ttl = self.token_ttl_s if ttl_s is None else ttl_s
         token = cred.new_token()
         now = utcnow()
         expires_at = now + timedelta(seconds=ttl)
         with self._write() as conn:
-            self._pipe_row(conn, pipe_id)
+            self._pipe_row(conn, pipe_id, workspace_id=workspace_id)
             conn.execute(insert(TOKENS).values(
                 token_hash=cred.hash_secret(token), pipe_id=pipe_id, api_key_id=api_key_id,
                 metadata=meta, created_at=now, expires_at=expires_at, used_at=None))
@@ -370,9 +442,21 @@ class Store:
             conn.execute(update(SESSIONS).where(SESSIONS.c.id == session_id).values(metrics=merged))
         return merged
 
-    def get_session(self, session_id: str) -> SessionRecord:
+    def _session_q(self, session_id: str, workspace_id: str | None, *cols: Any) -> Any:
+        """The session's row (or `cols`), only if it belongs to `workspace_id` (through its pipe)."""
+        q = select(*cols) if cols else select(SESSIONS)
+        q = q.where(SESSIONS.c.id == session_id)
+        if workspace_id is not None:
+            q = q.where(_sessions_of(workspace_id))
+        return q
+
+    def _check_session(self, conn: Connection, session_id: str, workspace_id: str | None) -> None:
+        if conn.execute(self._session_q(session_id, workspace_id, SESSIONS.c.id)).first() is None:
+            raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+
+    def get_session(self, session_id: str, *, workspace_id: str | None = None) -> SessionRecord:
         with self._read() as conn:
-            row = conn.execute(select(SESSIONS).where(SESSIONS.c.id == session_id)).mappings().first()
+            row = conn.execute(self._session_q(session_id, workspace_id)).mappings().first()
             if row is None:
                 raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
             turns = conn.execute(select(func.count()).select_from(TURNS)
@@ -383,10 +467,12 @@ class Store:
     def list_sessions(self, *, pipe_id: str | None = None, agent_id: str | None = None,
                       direction: str | None = None, since: datetime | None = None,
                       until: datetime | None = None, limit: int = 50,
-                      cursor: str | None = None) -> Page[SessionRecord]:
+                      cursor: str | None = None, workspace_id: str | None = None) -> Page[SessionRecord]:
         """Sessions newest first; `since` (inclusive) / `until` (exclusive) bound `started_at`."""
         limit = _check_limit(limit)
         q = select(SESSIONS)
+        if workspace_id is not None:
+            q = q.where(_sessions_of(workspace_id))
         if pipe_id is not None:
             q = q.where(SESSIONS.c.pipe_id == pipe_id)
         if agent_id is not None:
@@ -449,11 +535,10 @@ class Store:
                     end_ms=end_ms, interrupted=bool(interrupted), heard_text=heard_text, created_at=now,
                     kind=kind, redacted=bool(redacted))
 
-    def list_turns(self, session_id: str) -> list[Turn]:
+    def list_turns(self, session_id: str, *, workspace_id: str | None = None) -> list[Turn]:
         """The session's turns in `seq` order; raises NotFoundError for an unknown session."""
         with self._read() as conn:
-            if conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == session_id)).first() is None:
-                raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+            self._check_session(conn, session_id, workspace_id)
             rows = conn.execute(select(TURNS).where(TURNS.c.session_id == session_id)
                                 .order_by(TURNS.c.seq)).mappings()
             return [Turn(**{k: r[k] for k in Turn.__dataclass_fields__}) for r in rows]
@@ -474,11 +559,10 @@ class Store:
             ).returning(SESSION_EVENTS.c.id)).scalar_one()
         return SessionEvent(id=event_id, session_id=session_id, kind=kind, at_ms=at_ms, created_at=now)
 
-    def list_session_events(self, session_id: str) -> list[SessionEvent]:
+    def list_session_events(self, session_id: str, *, workspace_id: str | None = None) -> list[SessionEvent]:
         """The session's events in the order they were stored; NotFoundError for an unknown session."""
         with self._read() as conn:
-            if conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == session_id)).first() is None:
-                raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+            self._check_session(conn, session_id, workspace_id)
             rows = conn.execute(select(SESSION_EVENTS).where(SESSION_EVENTS.c.session_id == session_id)
                                 .order_by(SESSION_EVENTS.c.id)).mappings()
             return [SessionEvent(**{k: r[k] for k in SessionEvent.__dataclass_fields__}) for r in rows]
@@ -501,11 +585,10 @@ class Store:
             conn.execute(insert(RECORDINGS).values(**dataclasses.asdict(rec)))
         return rec
 
-    def get_recording(self, session_id: str) -> Recording:
+    def get_recording(self, session_id: str, *, workspace_id: str | None = None) -> Recording:
         """The session's latest recording; NotFoundError(`session_not_found`/`recording_not_found`)."""
         with self._read() as conn:
-            if conn.execute(select(SESSIONS.c.id).where(SESSIONS.c.id == session_id)).first() is None:
-                raise NotFoundError(f"no session {session_id!r}", code=Code.SESSION_NOT_FOUND)
+            self._check_session(conn, session_id, workspace_id)
             rec = self._latest_recording(conn, session_id)
         if rec is None:
             raise NotFoundError(f"session {session_id} has no recording", code=Code.RECORDING_NOT_FOUND)
@@ -649,14 +732,23 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return _check_json("metadata", dict(metadata), MAX_METADATA_BYTES)
 
 
+def _sessions_of(workspace_id: str) -> Any:
+    """Sessions belong to their pipe's workspace (a pipe never changes workspace)."""
+    return SESSIONS.c.pipe_id.in_(select(PIPES.c.id).where(PIPES.c.workspace_id == workspace_id))
+
+
+def _workspace(r: Mapping[str, Any]) -> Workspace:
+    return Workspace(id=r["id"], name=r["name"], created_at=r["created_at"])
+
+
 def _api_key(r: Mapping[str, Any]) -> ApiKey:
     return ApiKey(id=r["id"], name=r["name"], prefix=r["prefix"], created_at=r["created_at"],
-                  revoked_at=r["revoked_at"])
+                  revoked_at=r["revoked_at"], workspace_id=r["workspace_id"])
 
 
 def _pipe(r: Mapping[str, Any]) -> Pipe:
     return Pipe(id=r["id"], name=r["name"], agent_id=r["agent_id"], config=dict(r["config"]),
-                created_at=r["created_at"], updated_at=r["updated_at"])
+                created_at=r["created_at"], updated_at=r["updated_at"], workspace_id=r["workspace_id"])
 
 
 def _session(r: Mapping[str, Any], *, turn_count: int = 0,

@@ -19,7 +19,8 @@ from speechpipe.storage.migrate import current_revision, head_revision
 from speechpipe.storage.models import Base
 from tests.fixtures_db import DbFactory
 
-TABLES = {"api_keys", "pipes", "session_tokens", "sessions", "turns", "recordings", "session_events"}
+TABLES = {"workspaces", "api_keys", "pipes", "session_tokens", "sessions", "turns", "recordings",
+          "session_events"}
 
 
 def test_migrations_upgrade_an_empty_database_to_exactly_the_models(db_factory: DbFactory) -> None:
@@ -47,9 +48,9 @@ def test_turn_kind_migration_keeps_existing_turns_and_marks_them_turns(db_factor
     store = Store(db_factory.new_url())
     try:
         upgrade(store.engine, "0001")
-        pipe = store.create_pipe({"agent_id": "a"})
-        sid = store.create_session(pipe_id=pipe.id, agent_id="a", direction="web")
-        with store.engine.begin() as conn:
+        sid = "sess_" + "1" * 24
+        with store.engine.begin() as conn:  # as the code of that revision wrote them (no workspaces yet)
+            _insert_old_pipe_and_session(conn, "pipe_" + "1" * 24, sid)
             conn.execute(text("INSERT INTO turns (session_id, seq, role, text, interrupted, created_at) "
                               "VALUES (:s, 0, 'user', 'said before the upgrade', false, :t)"),
                          {"s": sid, "t": datetime.now(UTC)})
@@ -64,6 +65,64 @@ def test_turn_kind_migration_keeps_existing_turns_and_marks_them_turns(db_factor
                 conn.execute(text("INSERT INTO turns (session_id, seq, role, text, interrupted, created_at, "
                                   "kind) VALUES (:s, 3, :r, 'x', false, :t, :k)"),
                              {"s": sid, "t": datetime.now(UTC), "k": kind, "r": role})
+    finally:
+        store.close()
+
+
+def _insert_old_pipe_and_session(conn, pipe_id: str, session_id: str) -> None:  # type: ignore[no-untyped-def]
+    now = datetime.now(UTC)
+    conn.execute(text("INSERT INTO pipes (id, name, agent_id, config, created_at, updated_at) "
+                      "VALUES (:p, 'old', 'a', :c, :t, :t)"),
+                 {"p": pipe_id, "c": '{"agent_id": "a"}', "t": now})
+    conn.execute(text("INSERT INTO sessions (id, pipe_id, agent_id, direction, metadata, started_at) "
+                      "VALUES (:s, :p, 'a', 'web', '{}', :t)"), {"s": session_id, "p": pipe_id, "t": now})
+
+
+def test_workspaces_migration_puts_existing_keys_pipes_and_sessions_in_default(db_factory: DbFactory) -> None:
+    """0003 → 0004 on a database with a key, a pipe (with a session token), a session and a turn: all
+    survive (SQLite rebuilds the tables: nothing may cascade), in the `default` workspace."""
+    from speechpipe.storage.migrate import upgrade
+
+    store = Store(db_factory.new_url())
+    try:
+        upgrade(store.engine, "0003")
+        pipe_id, sid, now = "pipe_" + "2" * 24, "sess_" + "2" * 24, datetime.now(UTC)
+        secret = "spk_" + "B" * 43
+        with store.engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, prefix, secret_hash, created_at) "
+                              "VALUES (:i, 'old-key', 'spk_BBBBBBBB', :h, :t)"),
+                         {"i": "key_" + "2" * 24, "h": hashlib.sha256(secret.encode()).hexdigest(), "t": now})
+            _insert_old_pipe_and_session(conn, pipe_id, sid)
+            conn.execute(text("INSERT INTO session_tokens (token_hash, pipe_id, api_key_id, metadata, "
+                              "created_at, expires_at) VALUES ('h', :p, :k, '{}', :t, :t)"),
+                         {"p": pipe_id, "k": "key_" + "2" * 24, "t": now})
+            conn.execute(text("INSERT INTO turns (session_id, seq, role, text, interrupted, created_at) "
+                              "VALUES (:s, 0, 'user', 'before workspaces', false, :t)"), {"s": sid, "t": now})
+        assert store.upgrade() == head_revision() == "0004"
+
+        default = store.get_workspace("default")
+        assert default.id.startswith("ws_") and [w.name for w in store.list_workspaces()] == ["default"]
+        key = store.verify_api_key(secret)
+        assert key.workspace_id == default.id
+        assert store.get_pipe(pipe_id, workspace_id=default.id).workspace_id == default.id
+        assert store.get_session(sid, workspace_id=default.id).turn_count == 1
+        assert [t.text for t in store.list_turns(sid, workspace_id=default.id)] == ["before workspaces"]
+        with store.engine.connect() as conn:
+            token = conn.execute(text("SELECT pipe_id, api_key_id FROM session_tokens")).one()
+        assert tuple(token) == (pipe_id, "key_" + "2" * 24)  # the table rebuilds cascaded nowhere
+
+        other = store.create_workspace("other")
+        with pytest.raises(NotFoundError):
+            store.get_session(sid, workspace_id=other.id)
+        # The column is required and must name a workspace, enforced by the database itself.
+        for ws in (None, "ws_" + "0" * 24):
+            with pytest.raises(Exception, match=r"(?i)null|foreign|constraint"), store.engine.begin() as conn:
+                conn.execute(text("INSERT INTO pipes (id, agent_id, config, created_at, updated_at, "
+                                  "workspace_id) VALUES (:p, 'a', '{}', :t, :t, :w)"),
+                             {"p": "pipe_" + "3" * 24, "t": now, "w": ws})
+        if store.dialect == "sqlite":
+            with store.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on after migrating
     finally:
         store.close()
 

@@ -48,7 +48,8 @@ __all__ = [
 _ERRORS = {
     400: "Malformed request (body is not JSON, …): `invalid_json`.",
     401: "Missing, unknown or revoked API key: `unauthorized`, `api_key_revoked`.",
-    404: "Unknown id: `pipe_not_found`, `session_not_found`, `recording_not_found`.",
+    404: "Unknown id, or the id of another workspace's object (the same answer): `pipe_not_found`, "
+         "`session_not_found`, `recording_not_found`.",
     413: "Request body larger than the server's limit: `payload_too_large`.",
     422: "Well-formed JSON that does not fit the schema: `validation_error` (details list the fields).",
     429: "Too many requests: `rate_limited`.",
@@ -195,12 +196,15 @@ def build_openapi(*, demo: bool = False) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Speech Pipe API", "version": API_VERSION,
-                 "description": "Pipes, session tokens, sessions, transcripts and recordings. Errors are "
+                 "description": "Pipes, session tokens, sessions, transcripts and recordings. Everything "
+                                "is scoped to the API key's workspace: a key sees only its workspace's "
+                                "pipes and sessions. Errors are "
                                 "`{\"error\": {\"code\", \"message\"}}` with a stable `code`."},
         "paths": paths,
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                               "description": "An API key (`spk_…`)."}},
+                                               "description": "An API key (`spk_…`); it acts inside "
+                                                              "its workspace."}},
         },
     }

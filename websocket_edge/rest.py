@@ -4,6 +4,10 @@ OpenAPI document; and, in demo mode only, `POST /v1/demo/token`.
 Handlers authenticate first (`authenticate`), then parse input strictly (`read_json`, `read_query`) into
 the pydantic models of `websocket_edge.openapi`, then call the `AsyncStore`. They raise
 `speechpipe.errors` types; the app's error middleware renders them as JSON.
+
+Every handler acts inside the authenticated key's workspace: it passes `key.workspace_id` to each store
+call, and the store answers another workspace's pipe or session exactly like a missing one (404, same
+code), so a key can neither touch nor detect what other workspaces hold.
 """
 
 from __future__ import annotations
@@ -203,36 +207,39 @@ async def _check_runnable(config: PipeConfig) -> None:
 
 
 async def create_pipe(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     body = await read_json(request, api.PipeCreate)
     await _check_runnable(body.config)
-    pipe = await request.app[STORE_KEY].create_pipe(body.config, name=body.name)
+    pipe = await request.app[STORE_KEY].create_pipe(body.config, name=body.name,
+                                                    workspace_id=key.workspace_id)
     return _json(_pipe_out(pipe), status=201)
 
 
 async def list_pipes(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     q = read_query(request, api.ListPipesQuery)
-    page = await request.app[STORE_KEY].list_pipes(limit=q.limit, cursor=q.cursor, agent_id=q.agent_id)
+    page = await request.app[STORE_KEY].list_pipes(limit=q.limit, cursor=q.cursor, agent_id=q.agent_id,
+                                                   workspace_id=key.workspace_id)
     return _json(api.PipeList(data=[_pipe_out(p) for p in page.items], next_cursor=page.next_cursor))
 
 
 async def get_pipe(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     pipe_id = _path_id(request, "pipe_id", "pipe", Code.PIPE_NOT_FOUND)
-    return _json(_pipe_out(await request.app[STORE_KEY].get_pipe(pipe_id)))
+    return _json(_pipe_out(await request.app[STORE_KEY].get_pipe(pipe_id, workspace_id=key.workspace_id)))
 
 
 async def update_pipe(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
+    ws = key.workspace_id
     pipe_id = _path_id(request, "pipe_id", "pipe", Code.PIPE_NOT_FOUND)
     body = await read_json(request, api.PipeUpdate)
     store = request.app[STORE_KEY]
     fields = body.model_fields_set
     if not fields & {"name", "config"}:
-        return _json(_pipe_out(await store.get_pipe(pipe_id)))
+        return _json(_pipe_out(await store.get_pipe(pipe_id, workspace_id=ws)))
     if body.config is not None:
-        merged = merge_patch((await store.get_pipe(pipe_id)).config, body.config)
+        merged = merge_patch((await store.get_pipe(pipe_id, workspace_id=ws)).config, body.config)
         try:
             config = PipeConfig.model_validate(merged)
         except pydantic.ValidationError:
@@ -240,14 +247,15 @@ async def update_pipe(request: web.Request) -> web.Response:
         else:
             await _check_runnable(config)
     pipe = await store.update_pipe(pipe_id, name=body.name if "name" in fields else UNSET,
-                                   config_patch=body.config if "config" in fields else None)
+                                   config_patch=body.config if "config" in fields else None,
+                                   workspace_id=ws)
     return _json(_pipe_out(pipe))
 
 
 async def delete_pipe(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     pipe_id = _path_id(request, "pipe_id", "pipe", Code.PIPE_NOT_FOUND)
-    await request.app[STORE_KEY].delete_pipe(pipe_id)
+    await request.app[STORE_KEY].delete_pipe(pipe_id, workspace_id=key.workspace_id)
     return web.Response(status=204)
 
 
@@ -256,29 +264,31 @@ async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request, api.TokenCreate)
     if not is_id_shaped(body.pipe_id, "pipe"):
         raise NotFoundError(f"no pipe {body.pipe_id[:80]!r}", code=Code.PIPE_NOT_FOUND)
-    token = await request.app[STORE_KEY].mint_token(body.pipe_id, api_key_id=key.id, metadata=body.metadata)
+    token = await request.app[STORE_KEY].mint_token(body.pipe_id, api_key_id=key.id, metadata=body.metadata,
+                                                    workspace_id=key.workspace_id)
     return _json(_token_out(token), status=201)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     q = read_query(request, api.ListSessionsQuery)
     page = await request.app[STORE_KEY].list_sessions(
         pipe_id=q.pipe_id, agent_id=q.agent_id, direction=q.direction, since=q.since, until=q.until,
-        limit=q.limit, cursor=q.cursor)
+        limit=q.limit, cursor=q.cursor, workspace_id=key.workspace_id)
     return _json(api.SessionList(data=[_session_out(s) for s in page.items], next_cursor=page.next_cursor))
 
 
 async def get_session(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     session_id = _path_id(request, "session_id", "sess", Code.SESSION_NOT_FOUND)
-    return _json(_session_out(await request.app[STORE_KEY].get_session(session_id)))
+    return _json(_session_out(await request.app[STORE_KEY].get_session(session_id,
+                                                                       workspace_id=key.workspace_id)))
 
 
 async def get_transcript(request: web.Request) -> web.Response:
-    await authenticate(request)
+    key = await authenticate(request)
     session_id = _path_id(request, "session_id", "sess", Code.SESSION_NOT_FOUND)
-    turns = await request.app[STORE_KEY].list_turns(session_id)
+    turns = await request.app[STORE_KEY].list_turns(session_id, workspace_id=key.workspace_id)
     out = [api.Turn(seq=t.seq, role=t.role, text=t.text, start_ms=t.start_ms,  # type: ignore[arg-type]
                     end_ms=t.end_ms, interrupted=t.interrupted, heard_text=t.heard_text,
                     kind=t.kind, created_at=t.created_at) for t in turns]  # type: ignore[arg-type]
@@ -289,9 +299,9 @@ _MEDIA_TYPES = {"wav": "audio/wav"}
 
 
 async def download_recording(request: web.Request) -> web.StreamResponse:
-    await authenticate(request)
+    key = await authenticate(request)
     session_id = _path_id(request, "session_id", "sess", Code.SESSION_NOT_FOUND)
-    rec = await request.app[STORE_KEY].get_recording(session_id)
+    rec = await request.app[STORE_KEY].get_recording(session_id, workspace_id=key.workspace_id)
     path = Path(rec.path)
     if not path.is_absolute():  # the pipeline may store paths relative to the recordings directory
         path = request.app[SETTINGS_KEY].recordings_dir / path
