@@ -53,6 +53,8 @@ DEFAULT_RATE = 16000
 CODECS = ("pcm16", "pcm_s16le", "linear16")
 MAX_TEXT_CHARS = 4000
 PLAYBACK_STATES = ("started", "ended", "stopped")
+DTMF_DIGITS = frozenset("0123456789*#ABCD")  # RFC 4733's 16 events, as the phone side sends them
+MAX_DTMF_DIGITS = 32
 
 # Close codes: 1000-1011 are RFC 6455's, 4400-4500 mirror speechpipe.errors (token and auth refusals),
 # the rest are this edge's limits. The close reason always starts with the key ("token_expired: ...").
@@ -476,6 +478,8 @@ class Connection:
             self.session.push_text(text)
         elif kind == "playback":
             self._on_playback(msg)
+        elif kind == "dtmf":
+            self._on_dtmf(msg)
         else:
             self._bad_message("unknown_type", f"unknown message type {kind!r}")
 
@@ -508,6 +512,24 @@ class Connection:
         hook = getattr(self.session, "client_playback", None)
         if hook is not None:
             hook(state, float(seconds), seq)
+
+    def _on_dtmf(self, msg: dict[str, Any]) -> None:
+        """Keypad digits: each one reaches the agent's `dtmf` hook, in order, as on the phone."""
+        digits = msg.get("digits")
+        if isinstance(digits, str):
+            digits = digits.upper()  # a-d are the same keys as A-D
+        if (not isinstance(digits, str) or not 1 <= len(digits) <= MAX_DTMF_DIGITS
+                or not set(digits) <= DTMF_DIGITS):
+            self._bad_message("bad_message",
+                              f"`dtmf` needs `digits`: a string of 1-{MAX_DTMF_DIGITS} of 0-9 * # A-D")
+            return
+        session = self.session
+        assert session is not None
+        # Digits may be a PIN: their count at info, the digits themselves only at debug.
+        log.info("session %s: DTMF from the client, %d digit(s)", session.session_id, len(digits))
+        log.debug("session %s: DTMF digits %s", session.session_id, digits)
+        for digit in digits:
+            session.dtmf(digit)
 
     def _bad_message(self, code: str, message: str) -> None:
         self._bad += 1

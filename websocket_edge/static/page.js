@@ -28,6 +28,7 @@ function setRunning(running) {
   $("mute").disabled = !running;
   $("text").disabled = !running;
   document.querySelector("#say button").disabled = !running;
+  for (const key of document.querySelectorAll("#keypad button")) key.disabled = !running;
   $("pipe").disabled = running;
   $("token").disabled = running;
 }
@@ -206,4 +207,17 @@ $("say").addEventListener("submit", (e) => {
   const text = $("text").value.trim();
   if (text && page.session) page.session.sendText(text);
   $("text").value = "";
+});
+
+// The keypad: each key press is one DTMF digit to the agent (its `dtmf` hook), as on a phone.
+$("keypad").addEventListener("click", (e) => {
+  const key = e.target.closest("button[data-digit]");
+  const session = page.session;
+  if (!key || !session || session.state === "closed" || !session.sessionId) return;
+  try {
+    session.sendDtmf(key.dataset.digit);
+    page.log.push({ t: performance.now(), type: "dtmf_sent", digits: key.dataset.digit });
+  } catch (err) {
+    showError(err.message || String(err));
+  }
 });

@@ -5,7 +5,7 @@
 //   s.on("user_turn", (e) => console.log("you:", e.text));
 //   s.on("agent_reply", (e) => console.log("agent:", e.text));
 //   await s.connect();            // asks for the microphone, opens the socket, resolves on session.started
-//   s.sendText("hello");  s.mute(true);  await s.disconnect();
+//   s.sendText("hello");  s.sendDtmf("12#");  s.mute(true);  await s.disconnect();
 //
 // Events: every server event by its type ("user_partial", "user_turn", "agent_reply", "barge_in", "metric",
 // "session.started", "agent.speech_started", ...), plus "state" ({state}), "error" ({code, message}),
@@ -13,6 +13,8 @@
 // and "event" (every server event). The protocol is in docs/client-protocol.md.
 
 export const SUPPORTED_RATES = [8000, 16000, 24000, 44100, 48000];
+export const MAX_DTMF_DIGITS = 32;
+const DTMF_RE = /^[0-9*#A-D]+$/;
 
 export class SpeechPipeError extends Error {
   constructor(code, message, closeCode = null) {
@@ -225,6 +227,18 @@ export class SpeechPipeSession {
   sendText(text) {
     if (!this._ws || this._ws.readyState !== WebSocket.OPEN) throw new Error("not connected");
     this._ws.send(JSON.stringify({ type: "text", text }));
+  }
+
+  // Keypad digits (0-9 * # A-D, lowercase a-d too), 1-32 at a time: each reaches the agent's `dtmf` hook,
+  // in order, as a phone's keypad does. Throws (sending nothing) on anything else or when not connected.
+  sendDtmf(digits) {
+    if (typeof digits !== "string") throw new TypeError("sendDtmf needs a string of digits, e.g. \"12#\"");
+    const normalised = digits.toUpperCase();
+    if (normalised.length < 1 || normalised.length > MAX_DTMF_DIGITS || !DTMF_RE.test(normalised)) {
+      throw new RangeError(`sendDtmf: ${JSON.stringify(digits)} is not 1-${MAX_DTMF_DIGITS} of 0-9 * # A-D`);
+    }
+    if (!this._ws || this._ws.readyState !== WebSocket.OPEN || !this.sessionId) throw new Error("not connected");
+    this._ws.send(JSON.stringify({ type: "dtmf", digits: normalised }));
   }
 
   mute(muted = true) {
