@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+# What a client event (and the stored turn) carries instead of words said while the agent had paused the
+# recording (`recording.pause`): the same string storage writes (`storage.store.REDACTED`).
+REDACTED = "[redacted]"
+
 
 @dataclass
 class Event:
@@ -35,30 +39,54 @@ class UserSpeechStarted(Event):
 
 @dataclass
 class UserPartial(Event):
+    """`redacted`: said while the recording was paused; `text` is then REDACTED (the agent gets the words)."""
+
     type: ClassVar[str] = "user_partial"
     text: str
+    redacted: bool = False
 
 
 @dataclass
 class UserTurn(Event):
+    """`redacted`: said (or typed) while the recording was paused; `text` is then REDACTED, as in SQL, and
+    only the agent got the words."""
+
     type: ClassVar[str] = "user_turn"
     seq: int
     text: str
     start_ms: int
     end_ms: int
     typed: bool = False
+    redacted: bool = False
 
 
 @dataclass
 class UserNonTurn(Event):
     """User speech that did not become a turn, kept so no word vanishes: `kind` is 'backchannel' (only
-    "mm-hm", "okay"… over the agent, which carried on) or 'noise' (no meaningful words; `text` may be "")."""
+    "mm-hm", "okay"… over the agent, which carried on) or 'noise' (no meaningful words; `text` may be "").
+    `redacted`: said while the recording was paused; `text` is then REDACTED."""
 
     type: ClassVar[str] = "user.non_turn"
     kind: str
     text: str
     start_ms: int
     end_ms: int
+    redacted: bool = False
+
+
+@dataclass
+class RecordingPaused(Event):
+    """The agent paused the recording (`recording.pause`) at `at_ms` (session clock, as turns' offsets):
+    until `recording.resumed`, the recording holds silence and user words reach only the agent."""
+
+    type: ClassVar[str] = "recording.paused"
+    at_ms: int
+
+
+@dataclass
+class RecordingResumed(Event):
+    type: ClassVar[str] = "recording.resumed"
+    at_ms: int
 
 
 @dataclass

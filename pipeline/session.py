@@ -123,6 +123,12 @@ class PipelineSession:
         self._apologised: set[int] = set()  # user turns the agent_error_message was spoken for
         # What start() was doing (for CallStartFailed); "" once it has finished.
         self.start_stage = "not_started"
+        # Recording paused by the agent (`recording.pause`): since when (session clock ms), None when not;
+        # and the closed spans so far. User words said in a paused span reach only the agent: stored,
+        # shown to the client and logged as ev.REDACTED. Also without a recording (it protects the text).
+        self._paused_at: int | None = None
+        self._paused_spans: list[tuple[int, int]] = []
+        self._redacted_seqs: set[int] = set()  # user turns stored redacted
 
     # ---- wiring ------------------------------------------------------------------------------------
     def subscribe(self, listener: Callable[[ev.Event], None]) -> None:
@@ -384,8 +390,54 @@ class PipelineSession:
             self._quiet_since = now
 
     def _on_partial(self, text: str) -> None:
-        self._emit(ev.UserPartial(text))
+        redacted = self._utterance_redacted()
+        self._emit(ev.UserPartial(ev.REDACTED if redacted else text, redacted))
         self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))
+
+    # ---- recording pause: redaction --------------------------------------------------------------------
+    @property
+    def recording_paused(self) -> bool:
+        return self._paused_at is not None
+
+    def _pause_recording(self) -> None:
+        """`recording.pause` from the agent: the recording keeps time but writes silence, and user words
+        from now until the resume reach only the agent. Without a recording it still protects the text."""
+        if self._paused_at is not None:
+            return
+        at_ms = self._clock_ms()
+        self._paused_at = at_ms
+        if self.recorder:
+            self.recorder.pause()
+        self._emit(ev.RecordingPaused(at_ms))
+        self._store("add_session_event", self.session_id, "recording_paused", at_ms)
+        log.info("session %s: recording paused at %d ms; user speech is redacted until it resumes",
+                 self.session_id, at_ms)
+
+    def _resume_recording(self) -> None:
+        if self._paused_at is None:
+            return
+        at_ms = self._clock_ms()
+        self._paused_spans.append((self._paused_at, at_ms))
+        self._paused_at = None
+        if self.recorder:
+            self.recorder.resume()
+        self._emit(ev.RecordingResumed(at_ms))
+        self._store("add_session_event", self.session_id, "recording_resumed", at_ms)
+        log.info("session %s: recording resumed at %d ms", self.session_id, at_ms)
+
+    def _redact(self, start_ms: int, end_ms: int) -> bool:
+        """Whether user words at start_ms..end_ms (session clock) are to be redacted: the recording is
+        paused now (also when the words were decoded before the pause came), or they overlap a paused span
+        (begun before the pause, or running past the resume)."""
+        if self._paused_at is not None:
+            return True
+        return any(a < end_ms and start_ms < b for a, b in self._paused_spans)
+
+    def _utterance_redacted(self) -> bool:
+        """`_redact` for the utterance in progress (partials, barge-in checks), or for now."""
+        if self.detector.in_utterance:
+            return self._redact(self.detector.start_ms(), self._clock_ms())
+        return self._paused_at is not None
 
     # ---- user turns ------------------------------------------------------------------------------------
     async def _end_of_utterance(self, forced: bool) -> None:
@@ -427,17 +479,19 @@ class PipelineSession:
         """Every finished utterance ends here, and none vanishes: it becomes a user turn, or a stored,
         marked non-turn (a backchannel over the agent; noise), with an event, a metric and a log line."""
         verdict = self.barge.utterance_end(text)  # NONE: the agent was not talking (or not interruptible)
+        redacted = self._redact(start_ms, end_ms)
+        shown = ev.REDACTED if redacted and text else text
         if verdict is not Action.NONE:
             if verdict is Action.CUT:
-                self._barge_in(text)
+                self._barge_in(text, redacted=redacted)
             else:
-                self._barge_resume(f"not an interruption: {text!r}")
+                self._barge_resume(f"not an interruption: {shown!r}")
                 if not self.barge.meaningful(text):
                     self._non_turn("backchannel" if text else "noise", text, start_ms, end_ms)
                     return
                 # Real words that did not earn a cut: the agent finishes its sentence, then hears them.
                 log.info("session %s: %r said over the agent becomes a turn after the reply",
-                         self.session_id, text)
+                         self.session_id, shown)
         elif not text or (short and fillers_only(text)):
             # A blip shorter than min_speech_ms that says only "hm" is not a turn; a short "No." is.
             self._non_turn("noise", text, start_ms, end_ms)
@@ -446,41 +500,51 @@ class PipelineSession:
 
     def _non_turn(self, kind: str, text: str, start_ms: int, end_ms: int) -> None:
         self.counts["non_turns"] += 1
-        self._emit(ev.UserNonTurn(kind, text, start_ms, end_ms))
+        redacted = bool(text) and self._redact(start_ms, end_ms)
+        shown = ev.REDACTED if redacted else text
+        self._emit(ev.UserNonTurn(kind, shown, start_ms, end_ms, redacted))
         if text:
-            self._store("add_turn", self.session_id, self._next_seq(), "user", text, start_ms, end_ms,
-                        False, None, kind)
+            self._store("add_turn", self.session_id, self._next_seq(), "user", shown, start_ms, end_ms,
+                        False, None, kind, redacted)
         log.info("session %s: user speech %d-%d ms kept as %s, not a turn: %r", self.session_id, start_ms,
-                 end_ms, kind, text)
+                 end_ms, kind, shown)
 
     async def _user_turn(self, text: str, start_ms: int, end_ms: int, *, typed: bool = False,
                          end_wall: float | None = None) -> None:
         if self.ended.is_set():
             return
+        # Said (or typed) while the recording was paused: the agent gets the words; the row, the client's
+        # event and the log get ev.REDACTED.
+        redacted = self._redact(start_ms, end_ms)
+        shown = ev.REDACTED if redacted else text
         if typed and self.speaker.active is not None:
-            self._barge_in(text)
-        fragment = None if typed else self._fragment_continued(text, start_ms)
+            self._barge_in(text, redacted=redacted)
+        fragment = None if typed else self._fragment_continued(text, start_ms, redacted)
         self._supersede_unspoken()
         seq = self._next_seq()
         self.counts["user_turns"] += 1
+        if redacted:
+            self._redacted_seqs.add(seq)
         turn = UserTurn(seq, text, end_wall if end_wall is not None else time.monotonic(), typed)
         self._replies.answer(turn)
         self._last_user = turn
-        self._emit(ev.UserTurn(seq, text, start_ms, end_ms, typed))
-        self._store("add_turn", self.session_id, seq, "user", text, start_ms, end_ms)
-        log.info("session %s: user turn %d: %r", self.session_id, seq, text)
+        self._emit(ev.UserTurn(seq, shown, start_ms, end_ms, typed, redacted))
+        self._store("add_turn", self.session_id, seq, "user", shown, start_ms, end_ms, False, None, "turn",
+                    redacted)
+        log.info("session %s: user turn %d: %r", self.session_id, seq, shown)
         message: dict[str, Any] = {"type": msg.USER_TEXT, "turn_id": seq, "text": text}
         if fragment is not None:
             # The rows keep what was said in each half; the agent hears the whole thought once.
             message.update(text=f"{fragment.text} {text}", continues=fragment.seq)
+            joined = ev.REDACTED if redacted or fragment.seq in self._redacted_seqs else message["text"]
             log.info("session %s: user turn %d continues turn %d: %r", self.session_id, seq, fragment.seq,
-                     message["text"])
+                     joined)
         if self.agent is None:
             self._pending_user.append(turn)
         else:
             await self._to_agent(message)
 
-    def _fragment_continued(self, text: str, start_ms: int) -> UserTurn | None:
+    def _fragment_continued(self, text: str, start_ms: int, redacted: bool = False) -> UserTurn | None:
         """The previous spoken turn, when the one that started at `start_ms` continues it: it read as
         unfinished, and the user went on before its answer was audible or within its first JOIN_WINDOW_MS
         (session clock, so a slow machine does not change the verdict). An answer still playing to half a
@@ -498,7 +562,7 @@ class PipelineSession:
         if answer_pos is not None and start_ms - answer_pos * 1000 // PROCESS_RATE > JOIN_WINDOW_MS:
             return None
         if reply is not None and reply.started_at is not None and not reply.finished and not reply.cancelled:
-            self._barge_in(text)
+            self._barge_in(text, redacted=redacted)
         return prev
 
     def _supersede_unspoken(self) -> None:
@@ -547,8 +611,13 @@ class PipelineSession:
         self.counts["false_barge_ins"] += 1
         self.speaker.paused = False
 
-    def _barge_in(self, user_text: str) -> None:
-        """Cut every live reply: drop queued audio, tell the transport and the agent what was heard."""
+    def _barge_in(self, user_text: str, *, redacted: bool | None = None) -> None:
+        """Cut every live reply: drop queued audio, tell the transport and the agent what was heard.
+        `redacted` (default: the utterance in progress was said while paused): the client's `barge_in` and
+        the log get ev.REDACTED for the user's words; the agent gets them."""
+        if redacted is None:
+            redacted = self._utterance_redacted()
+        shown = ev.REDACTED if redacted and user_text else user_text
         candidate = self.barge.take()
         onset = candidate.onset_wall if candidate is not None else time.monotonic()
         cut = self.speaker.cancel_all()
@@ -563,10 +632,10 @@ class PipelineSession:
                 reaction = max(0.0, self._last_pull_wall - onset) * 1000
                 self.metrics["barge_in_ms"].append(reaction)
                 self._emit(ev.Metric("barge_in", {"reaction_ms": reaction}))
-            self._spawn(self._interrupted(handle, user_text))
-        log.info("session %s: barge-in by %r cut %d replies", self.session_id, user_text, len(cut))
+            self._spawn(self._interrupted(handle, user_text, shown))
+        log.info("session %s: barge-in by %r cut %d replies", self.session_id, shown, len(cut))
 
-    async def _interrupted(self, handle: ReplyHandle, user_text: str) -> None:
+    async def _interrupted(self, handle: ReplyHandle, user_text: str, shown: str) -> None:
         """Book a cut reply. A web client holds up to ~100 ms of audio the server already sent, so when it
         plays audio itself, wait briefly for its `playback: stopped` report and trust that over our count."""
         reply = handle.audio
@@ -578,7 +647,7 @@ class PipelineSession:
                 await asyncio.wait_for(handle.client_stopped.wait(), 0.3)
         heard = handle.heard_text(self.output_rate)
         handle.client_stopped = None
-        self._emit(ev.BargeIn(reply.turn_id, heard, user_text))
+        self._emit(ev.BargeIn(reply.turn_id, heard, shown))
         self._finish_reply(reply, interrupted=True, heard=heard)
         await self._to_agent({"type": msg.USER_INTERRUPTED, "turn_id": reply.turn_id,
                               "heard_text": heard, "user_text": user_text})
@@ -651,14 +720,14 @@ class PipelineSession:
                 await self._transfer(str(m.get("target", "")), str(m.get("mode", "blind")))
             case msg.INTERRUPT:
                 self._on_interrupt()
-            case msg.RECORDING_PAUSE if self.recorder:
-                self.recorder.pause()
-            case msg.RECORDING_RESUME if self.recorder:
-                self.recorder.resume()
+            case msg.RECORDING_PAUSE:
+                self._pause_recording()
+            case msg.RECORDING_RESUME:
+                self._resume_recording()
             case msg.AGENT_ERROR:
                 self._on_agent_error(str(m.get("code") or "agent_error"), str(m.get("message") or ""),
                                      m.get("turn_id"))
-            case kind:  # also recording control when this session does not record
+            case kind:
                 await self._to_agent({"type": msg.ERROR, "code": "unsupported",
                                       "message": f"message type {kind!r} is not supported here"})
 
@@ -828,8 +897,11 @@ class PipelineSession:
                 t = await asyncio.wait_for(self.stt.final(), 5)
                 if t.text.strip():
                     seq = self._next_seq()
-                    self._store("add_turn", self.session_id, seq, "user", t.text.strip(),
-                                self.detector.start_ms(), self._clock_ms())
+                    start_ms, end_ms = self.detector.start_ms(), self._clock_ms()
+                    redacted = self._redact(start_ms, end_ms)
+                    self._store("add_turn", self.session_id, seq, "user",
+                                ev.REDACTED if redacted else t.text.strip(), start_ms, end_ms, False, None,
+                                "turn", redacted)
         for reply in list(self.speaker.replies):
             self._finish_reply(reply, interrupted=True)
         await self.speaker.close()

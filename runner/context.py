@@ -95,7 +95,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Recording:
-    """`session.recording.pause()` / `.resume()`: e.g. while the caller reads out a card number."""
+    """`session.recording.pause()` / `.resume()`: e.g. while the caller reads out a card number. While
+    paused the recording holds silence and the user's words still reach this agent, but the session
+    stores them, shows them to the client and logs them as "[redacted]" (also on a pipe that does not
+    record)."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
