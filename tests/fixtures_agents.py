@@ -280,9 +280,10 @@ class Channel:
     async def call(self, agent_id: str = "probe", *, direction: str = "web", caller: str | None = None,
                    metadata: dict[str, Any] | None = None, config: PipeConfig | None = None, speed: int = 4,
                    attach: bool = True, within_s: float | None = None, on_transfer: Any = None,
-                   engines: Engines | None = None) -> Call:
+                   engines: Engines | None = None, pipe_id: str | None = None) -> Call:
+        """A session on `pipe_id` (default: a pipe of `agent_id` in the default workspace)."""
         config = config or PipeConfig(agent_id=agent_id, vad={"engine": "webrtc"})
-        info = SessionInfo(pipe_id=self.pipe_for(agent_id), agent_id=agent_id, direction=direction,
+        info = SessionInfo(pipe_id=pipe_id or self.pipe_for(agent_id), agent_id=agent_id, direction=direction,
                            caller=caller, metadata=metadata or {})
         session = PipelineSession(info, config, engines or self.engines, store=self.astore,
                                   recordings_dir=self.tmp, on_transfer=on_transfer)

@@ -118,7 +118,8 @@ class Cluster:
         self.db_url = self.db.new_url()
         self.store = Store(self.db_url)
         self.store.upgrade()
-        self.api_key = self.store.create_api_key("cluster test").secret
+        self.api_key = self.store.create_api_key("cluster test").secret  # in the `default` workspace
+        self.workspace_id = self.store.default_workspace_id()
         self.pipe_id = self.store.create_pipe(PipeConfig(agent_id=self.agent_id, vad={"engine": "webrtc"})).id
         self.redis = redis.Redis.from_url(REDIS_URL, decode_responses=True)
 
@@ -134,20 +135,27 @@ class Cluster:
         raw = self.redis.get(f"speechpipe:{self.name}:node:{node}")
         return json.loads(raw) if raw else None
 
-    def advertised_runners(self, node: str) -> int:
+    def room(self, node: str, workspace_id: str | None = None) -> dict[str, int]:
+        """What `node` advertises for the cluster's agent_id in `workspace_id` (default: `default`'s)."""
         advert = self.advert(node) or {}
-        return int(((advert.get("agents") or {}).get(self.agent_id) or {}).get("runners", 0))
+        pools = (advert.get("workspaces") or {}).get(workspace_id or self.workspace_id) or {}
+        return dict(pools.get(self.agent_id) or {})
+
+    def advertised_runners(self, node: str, workspace_id: str | None = None) -> int:
+        return int(self.room(node, workspace_id).get("runners", 0))
 
     async def start_runner(self, name: str, node: str, capacity: int = 8, within_s: float = 30,
-                           fallback: tuple[str, ...] = ()) -> Runner:
+                           fallback: tuple[str, ...] = (), *, api_key: str | None = None,
+                           workspace_id: str | None = None) -> Runner:
         """A runner connected to `node`; returns once `node` advertises it in Redis. `fallback`: nodes it
-        redials, in turn, when its control socket drops (SPEECHPIPE_URL lists them after `node`)."""
+        redials, in turn, when its control socket drops (SPEECHPIPE_URL lists them after `node`).
+        `api_key` (of `workspace_id`): another key than the cluster's, e.g. of another workspace."""
         urls = ",".join(self.nodes[n].base for n in (node, *fallback))
-        runner = Runner(name, self.tmp, urls, self.api_key, self.agent_id, capacity)
+        runner = Runner(name, self.tmp, urls, api_key or self.api_key, self.agent_id, capacity)
         self.runners[name] = runner
-        before = self.advertised_runners(node)
+        before = self.advertised_runners(node, workspace_id)
         deadline = time.monotonic() + within_s
-        while self.advertised_runners(node) <= before:
+        while self.advertised_runners(node, workspace_id) <= before:
             if runner.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"runner {name} did not register with node {node}:\n{runner.output()}")
             await asyncio.sleep(0.1)

@@ -43,7 +43,7 @@ async def test_runner_on_one_node_answers_sessions_on_the_other(cluster: Cluster
         talkers = [Talker(http, node_b, cluster.api_key, cluster.pipe_id) for _ in range(2)]
         greetings = await asyncio.gather(*(t.open() for t in talkers))
         assert all(g["text"] == "Hello! This is the echo agent on the web." for g in greetings)
-        load = cluster.advert("A")["agents"][cluster.agent_id]["load"]
+        load = cluster.room("A")["load"]
         assert load == 2, cluster.advert("A")  # node A holds runner slots for B's two sessions
         answers = await asyncio.gather(*(t.say(s) for t, s in zip(talkers, SENTENCES, strict=False)))
         for heard, answer in answers:

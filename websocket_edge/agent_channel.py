@@ -1,9 +1,10 @@
 """The agent channel's two WebSocket routes: the runners' control socket and the per-call bridge socket.
 
 `setup_agent_channel(app, hub)` adds `GET /v1/agents/connect` (API key in `Authorization: Bearer`; runner
-registration, heartbeats, job offers) and `GET /v1/agents/bridge/{session_id}` (call token in the first
-frame, `hello`). Every frame is validated by `speechpipe.protocol`; a bad one gets an `error` frame
-(code + message) and the socket goes on, up to the hub's error budget. Nothing a peer sends can raise out
+registration, heartbeats, job offers; a runner gets sessions of its key's workspace only) and
+`GET /v1/agents/bridge/{session_id}` (call token in the first frame, `hello`). Every frame is validated by
+`speechpipe.protocol`; a bad one gets an `error` frame (code + message) and the socket goes on, up to the
+hub's error budget. Nothing a peer sends can raise out
 of a handler. Only frames keep a socket open: a control socket silent past the heartbeat timeout, or a
 bridge past `bridge_idle_s`, is closed with 4408 even if its peer keeps answering or sending WebSocket pings.
 The registry and dispatch logic live in `dispatch.AgentHub`; the bridge in `agent_bridge`.
@@ -95,7 +96,7 @@ class _Budget:
 async def control_socket(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB_KEY]
     try:
-        key_id = await hub.authenticate(_api_key(request))
+        key_id, workspace_id = await hub.authenticate(_api_key(request))
     except SpeechPipeError as exc:
         hub.counters["auth_failures"] += 1
         return web.json_response(exc.to_dict(), status=exc.status)
@@ -120,7 +121,8 @@ async def control_socket(request: web.Request) -> web.StreamResponse:
                                                       f"{p.PROTOCOL_VERSION}"))
                         await close_socket(ws, p.CLOSE_PROTOCOL, "protocol unsupported")
                         break
-                    runner = hub.register(ws, frame, key_id, _bridge_base(request))
+                    # The runner serves its key's workspace only: sessions of that workspace's pipes.
+                    runner = hub.register(ws, frame, key_id, _bridge_base(request), workspace_id)
                     await send_frame(ws, hub.registered_frame(runner))
                     continue
                 reply = await hub.on_control_frame(runner, frame)

@@ -1,7 +1,10 @@
 """Several `serve` nodes as one deployment over Redis: who has runners for what; job offers between nodes.
 
 Every node advertises under `speechpipe:<cluster>:node:<node_id>` (a key that expires unless refreshed)
-its public URL and, per agent_id, the capacity and load of the runners connected to it. A node holding a
+its public URL and, per workspace and agent_id (`workspaces: {ws_id: {agent_id: room}}`), the capacity and
+load of the runners connected to it: runners serve their API key's workspace only, so a session is offered
+only to nodes with runners of its own workspace, and the offer names the workspace again for the other
+node to pick among its runners. A node holding a
 session that wants a runner of another node publishes an `offer` on that node's channel; the other node
 hands the job to one of its runners (the same `job.assign`, carrying the session node's bridge URL and call
 token) and publishes the runner's answer back. The runner then dials the session's node directly, so
@@ -9,7 +12,7 @@ neither the call's audio nor its text ever passes through the runners' node: a n
 the sessions it held. A node whose advert lapses drops out; runner slots held for its jobs are released.
 
 Messages on `speechpipe:<cluster>:node:<node_id>:jobs`, JSON with `op`:
-  offer      {from, job_id, agent_id, assign, ack_ms}     session node → runners' node
+  offer      {from, job_id, workspace_id, agent_id, assign, ack_ms}   session node → runners' node
   answer     {job_id, accepted, reason}                   runners' node → session node
   release    {job_id, cancel}                             session node → runners' node (job over)
   runner_lost {job_id, reason}                            runners' node → session node
@@ -42,12 +45,12 @@ class Hub(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
-    def local_capacity(self) -> dict[str, dict[str, int]]: ...
+    def local_capacity(self) -> dict[str, dict[str, dict[str, int]]]: ...
 
     def forget_origins_except(self, live: set[str]) -> None: ...
 
     async def serve_offer(self, origin: str, agent_id: str, assign: dict[str, Any],
-                          ack_s: float) -> tuple[bool, str | None]: ...
+                          ack_s: float, workspace_id: str | None = None) -> tuple[bool, str | None]: ...
 
     def remote_answer(self, job_id: str, accepted: bool, reason: str | None) -> None: ...
 
@@ -61,7 +64,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class NodeOffer:
-    """Room another node advertises for one agent_id."""
+    """Room another node advertises for one agent_id of one workspace."""
 
     node_id: str
     url: str
@@ -157,7 +160,7 @@ class Cluster:
     # ---- adverts ------------------------------------------------------------------------------------------
     async def _advertise(self) -> None:
         advert = {"node_id": self.node_id, "url": self.public_url, "ts": time.time(),
-                  "agents": self.hub.local_capacity()}
+                  "workspaces": self.hub.local_capacity()}
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self._advert_key(self.node_id), json.dumps(advert), px=self.advert_ttl_ms)
             pipe.sadd(self.nodes_set, self.node_id)
@@ -201,8 +204,9 @@ class Cluster:
             await self.redis.srem(self.nodes_set, *stale)
         return adverts
 
-    async def offers(self, agent_id: str) -> list[NodeOffer]:
-        """Other nodes' runners of `agent_id`: their advertised load plus our offers to them in flight."""
+    async def offers(self, agent_id: str, workspace_id: str | None) -> list[NodeOffer]:
+        """Other nodes' runners of `agent_id` in `workspace_id`: their advertised load plus our offers to them
+        in flight."""
         try:
             adverts = await self._adverts()
         except (RedisError, OSError) as exc:
@@ -212,7 +216,7 @@ class Cluster:
         for node_id, advert in adverts.items():
             if node_id == self.node_id:
                 continue
-            room = (advert.get("agents") or {}).get(agent_id)
+            room = ((advert.get("workspaces") or {}).get(workspace_id or "") or {}).get(agent_id)
             if not room:
                 continue
             load = int(room.get("load", 0)) + self._inflight.get(node_id, 0)
@@ -235,12 +239,13 @@ class Cluster:
         return receivers > 0
 
     async def offer(self, node_id: str, job_id: str, agent_id: str, assign: dict[str, Any],
-                    ack_s: float) -> bool:
+                    ack_s: float, workspace_id: str | None = None) -> bool:
         """Publish a job offer to `node_id`; its answer comes back through `AgentHub.remote_answer`.
         Unless it returns False (not sent), the caller must call `offer_done` once the answer is in."""
         self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
         sent = await self._publish(node_id, {"op": "offer", "from": self.node_id, "job_id": job_id,
-                                             "agent_id": agent_id, "assign": assign,
+                                             "workspace_id": workspace_id or "", "agent_id": agent_id,
+                                             "assign": assign,
                                              "ack_ms": int(ack_s * 1000)})
         if not sent:
             self.offer_done(node_id)
@@ -294,8 +299,10 @@ class Cluster:
     async def _serve_offer(self, m: dict[str, Any]) -> None:
         origin = str(m.get("from") or "")
         try:
+            # No workspace in the offer (a node of an older version) matches no runner of ours with one.
             accepted, reason = await self.hub.serve_offer(origin, str(m["agent_id"]), dict(m["assign"]),
-                                                          float(m.get("ack_ms", 2000)) / 1000)
+                                                          float(m.get("ack_ms", 2000)) / 1000,
+                                                          str(m.get("workspace_id") or "") or None)
         except Exception:
             log.exception("cluster: serving offer %s from %s failed", m.get("job_id"), origin)
             accepted, reason = False, "node_error"

@@ -23,6 +23,11 @@ the session ends, or the dispatch deadline passes. Consecutive missed acks take 
 until it proves alive (an ack, even a late one, or a heartbeat), so one that never acks does not keep
 getting offers ahead of healthy ones.
 
+Pools are per workspace: a runner registers with an API key and serves only sessions of pipes in that
+key's workspace (`RunnerConn.workspace_id`); a session's workspace is its pipe's (`workspace_of`, looked
+up once per pipe). The same agent_id in two workspaces is two pools that never see each other's calls,
+here and across nodes (adverts and offers between nodes carry the workspace).
+
 With a `cluster.Cluster` attached (several nodes over Redis), runners of other nodes are candidates too:
 each stands in here as a `RunnerConn` whose `node` is set, and the offer travels over Redis; jobs this node
 serves for another node's sessions carry their `origin`.
@@ -44,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from speechpipe import protocol as p
-from speechpipe.errors import AuthenticationError, Code
+from speechpipe.errors import AuthenticationError, Code, NotFoundError
 
 from .agent_bridge import Bridge, BridgeLink, NoAgentAvailable, close_socket, send_frame
 
@@ -78,6 +83,7 @@ class RunnerConn:
     ack_timeouts_total: int = 0
     acks_late_total: int = 0
     node: str | None = None  # set on a stand-in for the runners of another node
+    workspace_id: str | None = None  # its API key's: it serves sessions of this workspace's pipes only
 
     @property
     def load(self) -> int:
@@ -86,7 +92,8 @@ class RunnerConn:
 
     def snapshot(self) -> dict[str, Any]:
         return {"runner_id": self.runner_id, "worker_id": self.worker_id, "agent_id": self.agent_id,
-                "capacity": self.capacity, "load": self.load, "draining": self.draining, "alive": self.alive,
+                "workspace_id": self.workspace_id, "capacity": self.capacity, "load": self.load,
+                "draining": self.draining, "alive": self.alive,
                 "pid": self.pid, "sdk": self.sdk, "assigned_total": self.assigned_total,
                 "missed_acks": self.missed_acks, "in_rotation": not self.out_of_rotation,
                 "acks_total": self.acks_total, "ack_timeouts_total": self.ack_timeouts_total,
@@ -104,9 +111,12 @@ class Job:
     bridge: Bridge | None = None
     released: bool = False
     origin: str | None = None  # the node holding the session, when this node serves another's job
+    workspace_id: str | None = None  # the session's (its pipe's): only runners of it may take the job
 
 
-Authenticate = Callable[[str], Awaitable[str] | str]  # secret -> API key id; raises AuthenticationError
+# secret -> the API key (a records.ApiKey: its id and workspace_id), or just its id (then no workspace);
+# raises AuthenticationError
+Authenticate = Callable[[str], Awaitable[Any] | Any]
 Answer = tuple[bool, str | None]  # a runner's job.ack: (accepted, reason)
 
 
@@ -157,27 +167,55 @@ class AgentHub:
         self._tokens: dict[str, Bridge] = {}
         self._expired: collections.OrderedDict[str, RunnerConn] = collections.OrderedDict()
         self._order = 0
+        self._pipe_workspaces: dict[str, str | None] = {}  # a pipe never changes workspace: cached for good
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self.closed = False
 
     # ---- runners ------------------------------------------------------------------------------------
-    async def authenticate(self, secret: str | None) -> str:
+    async def authenticate(self, secret: str | None) -> tuple[str, str | None]:
+        """(API key id, its workspace id) for a runner's secret; raises AuthenticationError."""
         if not secret:
             raise AuthenticationError("an API key is required (Authorization: Bearer <key>)",
                                       code=Code.UNAUTHORIZED)
         if self._authenticate is not None:
             result = self._authenticate(secret)
-            return await result if inspect.isawaitable(result) else result
-        verify = self.store.verify_api_key
-        if inspect.iscoroutinefunction(verify):
-            key = await verify(secret)
+            key = await result if inspect.isawaitable(result) else result
         else:
-            key = await asyncio.get_running_loop().run_in_executor(None, verify, secret)
-        return key.id
+            key = await self._store_call("verify_api_key", secret)
+        if isinstance(key, str):
+            return key, None
+        return key.id, getattr(key, "workspace_id", None)
+
+    async def _store_call(self, name: str, *args: Any) -> Any:
+        """A method of the store, awaited (AsyncStore) or run off the loop (Store)."""
+        fn = getattr(self.store, name)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def workspace_of(self, session: Any) -> str | None:
+        """The workspace a session belongs to: its pipe's. Without a store (an `authenticate` callable only),
+        None, as every runner's then. A pipe id the store does not know (sessions benchmarks make by hand;
+        the product only makes sessions of real pipes) is taken for the default workspace."""
+        if self.store is None:
+            return None
+        pipe_id = str(session.info.pipe_id)
+        if pipe_id in self._pipe_workspaces:
+            return self._pipe_workspaces[pipe_id]
+        try:
+            ws: str | None = await self._store_call("pipe_workspace", pipe_id)
+        except NotFoundError:
+            log.warning("session %s: pipe %r is unknown; dispatching in the default workspace",
+                        session.session_id, pipe_id)
+            return await self._store_call("default_workspace_id")  # type: ignore[no-any-return]
+        if len(self._pipe_workspaces) >= 100_000:
+            self._pipe_workspaces.clear()
+        self._pipe_workspaces[pipe_id] = ws
+        return ws
 
     def register(self, ws: web.WebSocketResponse, frame: dict[str, Any], key_id: str,
-                 bridge_base: str) -> RunnerConn:
+                 bridge_base: str, workspace_id: str | None = None) -> RunnerConn:
         self._ensure_heartbeat()
         worker_id = frame.get("worker_id") or f"w_{secrets.token_hex(6)}"
         runner = self._by_worker.get((key_id, worker_id))
@@ -190,7 +228,7 @@ class AgentHub:
             self._order += 1
             runner = RunnerConn(runner_id=f"run_{secrets.token_hex(8)}", key_id=key_id, worker_id=worker_id,
                                 agent_id=frame["agent_id"], capacity=frame["capacity"],
-                                bridge_base=bridge_base, order=self._order)
+                                bridge_base=bridge_base, order=self._order, workspace_id=workspace_id)
             self._by_worker[(key_id, worker_id)] = runner
             self._runners[runner.runner_id] = runner
         runner.ws = ws
@@ -208,8 +246,8 @@ class AgentHub:
                 job.bridge.arm_grace()
         self.counters["runners_registered"] += 1
         self._changed()
-        log.info("runner %s registered: agent=%s capacity=%d worker=%s pid=%s", runner.runner_id,
-                 runner.agent_id, runner.capacity, worker_id, runner.pid)
+        log.info("runner %s registered: agent=%s workspace=%s capacity=%d worker=%s pid=%s", runner.runner_id,
+                 runner.agent_id, runner.workspace_id, runner.capacity, worker_id, runner.pid)
         return runner
 
     def registered_frame(self, runner: RunnerConn) -> dict[str, Any]:
@@ -357,14 +395,16 @@ class AgentHub:
         """Offer the session to runners of `agent_id`, least loaded first, until one accepts and dials."""
         session_id = str(session.session_id)
         deadline = time.monotonic() + (within_s if within_s is not None else self.dispatch_timeout_s)
+        workspace_id = await self.workspace_of(session)
         tried: set[str] = set()
         reason: str | None = None
         while True:
             if _session_over(session):
                 raise NoAgentAvailable("session_ended")
-            untried = [r for r in self._local_pool(agent_id) if r.runner_id not in tried]
+            untried = [r for r in self._local_pool(agent_id, workspace_id) if r.runner_id not in tried]
             if self.cluster is not None:
-                untried += [r for r in await self._remote_pool(agent_id) if r.runner_id not in tried]
+                untried += [r for r in await self._remote_pool(agent_id, workspace_id)
+                            if r.runner_id not in tried]
             free = [r for r in untried if r.load < r.capacity]
             remaining = deadline - time.monotonic()
             if not free or remaining <= 0:
@@ -375,7 +415,7 @@ class AgentHub:
             runner = min(free, key=lambda r: (r.load / r.capacity, r.node is not None, r.load, r.missed_acks,
                                               r.assigned_total, r.order))
             tried.add(runner.runner_id)
-            job = self._new_job(session_id, agent_id, runner)
+            job = self._new_job(session_id, agent_id, runner, workspace_id)
             outcome = await self._try(job, session, min(self.ack_timeout_s, remaining), deadline, tried,
                                       sole=len(free) == 1)
             if outcome is None:
@@ -383,32 +423,36 @@ class AgentHub:
                 return job.bridge
             reason = outcome
 
-    def _local_pool(self, agent_id: str) -> list[RunnerConn]:
-        """The runners of this node that take offers for `agent_id` now."""
+    def _local_pool(self, agent_id: str, workspace_id: str | None) -> list[RunnerConn]:
+        """The runners of this node that take offers for `agent_id` of `workspace_id` now."""
         return [r for r in self._runners.values()
-                if r.agent_id == agent_id and r.alive and not r.draining and not r.out_of_rotation]
+                if r.agent_id == agent_id and r.workspace_id == workspace_id and r.alive and not r.draining
+                and not r.out_of_rotation]
 
-    async def _other_free(self, agent_id: str, tried: set[str], *, remote: bool = True) -> bool:
+    async def _other_free(self, agent_id: str, workspace_id: str | None, tried: set[str], *,
+                          remote: bool = True) -> bool:
         """Whether a runner not tried yet (here, or with `remote` on another node) has a free slot."""
-        if any(r.load < r.capacity for r in self._local_pool(agent_id) if r.runner_id not in tried):
+        if any(r.load < r.capacity for r in self._local_pool(agent_id, workspace_id)
+               if r.runner_id not in tried):
             return True
         if remote and self.cluster is not None:
-            return any(r.load < r.capacity for r in await self._remote_pool(agent_id)
+            return any(r.load < r.capacity for r in await self._remote_pool(agent_id, workspace_id)
                        if r.runner_id not in tried)
         return False
 
-    async def _remote_pool(self, agent_id: str) -> list[RunnerConn]:
-        """One stand-in per other node with runners of `agent_id`: its runners' summed capacity and load."""
+    async def _remote_pool(self, agent_id: str, workspace_id: str | None) -> list[RunnerConn]:
+        """One stand-in per other node with runners of `agent_id` in `workspace_id`: its runners' summed
+        capacity and load."""
         assert self.cluster is not None
         return [RunnerConn(runner_id=f"node:{o.node_id}", key_id="", worker_id="", agent_id=agent_id,
                            capacity=o.capacity, bridge_base=o.url, order=0, reported_active=o.load,
-                           node=o.node_id)
-                for o in await self.cluster.offers(agent_id) if o.capacity > 0]
+                           node=o.node_id, workspace_id=workspace_id)
+                for o in await self.cluster.offers(agent_id, workspace_id) if o.capacity > 0]
 
-    def _new_job(self, session_id: str, agent_id: str, runner: RunnerConn) -> Job:
+    def _new_job(self, session_id: str, agent_id: str, runner: RunnerConn, workspace_id: str | None) -> Job:
         job = Job(job_id=f"job_{secrets.token_hex(8)}", session_id=session_id, agent_id=agent_id,
                   runner=runner, token="spc_" + secrets.token_urlsafe(32),
-                  ack=asyncio.get_running_loop().create_future())
+                  ack=asyncio.get_running_loop().create_future(), workspace_id=workspace_id)
         job.bridge = Bridge(self, job)
         runner.jobs[job.job_id] = job
         runner.assigned_total += 1
@@ -436,7 +480,7 @@ class AgentHub:
             # may wait on its last one up to our dispatch deadline, as we would on a runner of ours.
             offer_s = max(ack_s, deadline - time.monotonic()) if sole else ack_s
             sent = cluster is not None and await cluster.offer(runner.node, job.job_id, job.agent_id,
-                                                                 assign, offer_s)
+                                                                 assign, offer_s, job.workspace_id)
             if cluster is None or not sent:
                 self.release(job, "node_unreachable")
                 return "node_unreachable"
@@ -450,7 +494,7 @@ class AgentHub:
                 return "runner_lost"
             # The ack deadline starts now, with the offer written.
             answer = await self._await_ack(job, ack_s, deadline, session,
-                                           lambda: self._other_free(job.agent_id, tried))
+                                           lambda: self._other_free(job.agent_id, job.workspace_id, tried))
         if isinstance(answer, str):  # no answer
             if answer == "ack_timeout":
                 log.warning("runner %s did not ack job %s (ack deadline %.0f ms); %s", runner.runner_id,
@@ -559,22 +603,25 @@ class AgentHub:
         if self.cluster is not None:
             self.cluster.changed()
 
-    def local_capacity(self) -> dict[str, dict[str, int]]:
-        """Per agent_id, the runners connected here that take jobs: what this node advertises."""
-        agents: dict[str, dict[str, int]] = {}
+    def local_capacity(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per workspace id ("" for none), per agent_id, the runners connected here that take jobs: what this
+        node advertises."""
+        pools: dict[str, dict[str, dict[str, int]]] = {}
         for r in self._runners.values():
             if r.alive and not r.draining and not r.out_of_rotation and r.node is None:
+                agents = pools.setdefault(r.workspace_id or "", {})
                 a = agents.setdefault(r.agent_id, {"runners": 0, "capacity": 0, "load": 0})
                 a["runners"] += 1
                 a["capacity"] += r.capacity
                 a["load"] += r.load
-        return agents
+        return pools
 
     async def serve_offer(self, origin: str, agent_id: str, assign: dict[str, Any],
-                          ack_s: float) -> tuple[bool, str | None]:
-        """A session on node `origin` wants a runner of `agent_id`: offer its `job.assign` (bridge URL and
-        call token are the origin's) to ours, least loaded first, within `ack_s`: each runner gets our ack
-        deadline before the next is tried, the last one the rest of `ack_s`. (accepted, why not)."""
+                          ack_s: float, workspace_id: str | None = None) -> tuple[bool, str | None]:
+        """A session of `workspace_id` on node `origin` wants a runner of `agent_id`: offer its `job.assign`
+        (bridge URL and call token are the origin's) to ours of that workspace, least loaded first, within
+        `ack_s`: each runner gets our ack deadline before the next is tried, the last one the rest of
+        `ack_s`. (accepted, why not)."""
         job_id = str(assign["job_id"])
         if job_id in self._jobs:
             return False, "duplicate_job"
@@ -583,7 +630,7 @@ class AgentHub:
         tried: set[str] = set()
         reason: str | None = None
         while True:
-            untried = [r for r in self._local_pool(agent_id) if r.runner_id not in tried]
+            untried = [r for r in self._local_pool(agent_id, workspace_id) if r.runner_id not in tried]
             free = [r for r in untried if r.load < r.capacity]
             remaining = deadline - time.monotonic()
             if not free or remaining <= 0:
@@ -595,7 +642,7 @@ class AgentHub:
             tried.add(runner.runner_id)
             job = Job(job_id=job_id, session_id=str(assign["session_id"]), agent_id=agent_id, runner=runner,
                       token=str(assign["call_token"]), ack=asyncio.get_running_loop().create_future(),
-                      origin=origin)
+                      origin=origin, workspace_id=workspace_id)
             runner.jobs[job_id] = job
             runner.assigned_total += 1
             self._jobs[job_id] = job
@@ -607,7 +654,8 @@ class AgentHub:
                 reason = "runner_lost"
                 continue
             answer = await self._await_ack(job, ack_i, deadline, None,
-                                           lambda: self._other_free(agent_id, tried, remote=False))
+                                           lambda: self._other_free(agent_id, workspace_id, tried,
+                                                                    remote=False))
             if isinstance(answer, str):
                 if answer == "ack_timeout":
                     self._missed_ack(runner)
