@@ -146,7 +146,9 @@ async def test_recording_pause_and_resume(agent_channel) -> None:
     await ch.runner()
     call = await ch.call(speed=2)
     assert await call.ask("pause") == "Recording paused."
-    assert await call.ask("resume") == "Recording resumed."
+    # Said while paused: the client sees it redacted (the agent got the word and resumed).
+    call.session.push_text("resume")
+    await call.wait(ev.AgentSpeechDone, lambda e: e.text == "Recording resumed.")
     await call.hang_up("caller_hung_up")
     await call.ended()
     rec = await ch.astore.get_recording(call.session_id)
@@ -161,6 +163,8 @@ async def test_recording_pause_and_resume(agent_channel) -> None:
         assert len(seg) > 8000, (text, t.start_ms, t.end_ms)
         return float(np.sqrt(np.mean(seg ** 2)))
 
+    said = [(t.text, t.redacted) for t in await ch.astore.list_turns(call.session_id) if t.role == "user"]
+    assert said == [("pause", False), ("[redacted]", True)]
     assert rms("Recording paused.") == 0.0  # kept in time, written as silence
     assert rms("Recording resumed.") > 300
 
