@@ -14,7 +14,9 @@ vosk: `model` as a directory path → a name under the models directory → for 
 The models directory is `$SPEECHPIPE_MODELS_DIR`, default `~/.cache/speechpipe/models`. Engine tuning comes
 from the environment: SPEECHPIPE_WHISPER_THREADS (intra-op threads per decode, default 1),
 SPEECHPIPE_WHISPER_WORKERS (decodes that run at once, default 2), SPEECHPIPE_WHISPER_BEAM (default 5),
-SPEECHPIPE_WHISPER_PARTIAL_S (seconds of new audio between whisper partial decodes; unset = no partials).
+SPEECHPIPE_WHISPER_PARTIAL_S (a server-wide override of every pipe's `stt.partials` and
+`stt.partial_interval_s` for Whisper: seconds of new speech between partial decodes, 0 = no partials
+anywhere; unset = each pipe decides, partials on by default).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ knows SIP or HTTP: a transport names its `direction` and optional hooks (transfe
 Per input frame (20 ms at 16 kHz, on the event loop): record → VAD → endpointing → STT feed. The session
 owns the call's lifecycle and acts; its parts decide and keep books: `STTLane` runs every STT call in order
 in the shared executor (Whisper decodes speculatively when a pause begins and the endpoint reuses that
-result when no speech came in between), `BargeIn` decides when speech over the agent pauses, cuts or
+result when no speech came in between; its partials are decoded beside the lane only while no final waits,
+and shed otherwise), `BargeIn` decides when speech over the agent pauses, cuts or
 resumes it, `Replies` holds one `ReplyHandle` per agent reply, and `Speaker` turns the agent's text into
 the frames the transport pulls.
 """
@@ -179,8 +180,11 @@ class PipelineSession:
         self.start_stage = "stt"
         self.stt_engine = await loop.run_in_executor(self.engines.executor, contextvars.copy_context().run,
                                                      self.engines.stt, cfg)
+        partial_interval = self._partial_interval()
+        self._partials_on = cfg.stt.partials if self.stt_engine.streaming else partial_interval is not None
         self.stt = STTLane(self.engines.executor, self.stt_engine.new_stream(cfg.stt.language),
-                           streaming=self.stt_engine.streaming, on_partial=self._on_partial)
+                           streaming=self.stt_engine.streaming, on_partial=self._on_partial,
+                           partial_interval_s=partial_interval, on_shed=self._partial_shed)
         self.start_stage = "vad"
         self.vad = make_vad(cfg.vad, vad_rate(self.input_rate))
         # A narrowband leg's VAD judges the native frames. Their votes wait here for the 16 kHz frame that
@@ -389,7 +393,25 @@ class PipelineSession:
             self._spawn(self._to_agent({"type": msg.SILENCE, "seconds": round(now - self._quiet_since, 2)}))
             self._quiet_since = now
 
+    def _partial_interval(self) -> float | None:
+        """Seconds of new speech between partial decodes of an engine that does not stream (Whisper); None:
+        no partials. The engine's server-wide override (SPEECHPIPE_WHISPER_PARTIAL_S, 0 = off) wins over
+        the pipe's stt.partials / stt.partial_interval_s."""
+        override = getattr(self.stt_engine, "partial_interval_s", None)
+        if override is not None:
+            return float(override) or None
+        stt = self.config.stt
+        return stt.partial_interval_s if stt.partials else None
+
+    def _partial_shed(self) -> None:
+        """A partial decode skipped because the STT had better things to do (a final, another partial)."""
+        self.counts["partials_shed"] += 1
+        self._emit(ev.Metric("stt_partial_shed", {"count": 1.0}))
+
     def _on_partial(self, text: str) -> None:
+        if not self._partials_on or self.ended.is_set():
+            return
+        self.counts["partials"] += 1
         redacted = self._utterance_redacted()
         self._emit(ev.UserPartial(ev.REDACTED if redacted else text, redacted))
         self._spawn(self._to_agent({"type": msg.USER_PARTIAL, "text": text}))
@@ -942,8 +964,10 @@ class PipelineSession:
         latencies = self.metrics.get("response_ms", [])
         counts = {k: self.counts[k] for k in COUNTED}
         errors = {k: self.counts[k] for k in ENGINE_ERRORS if self.counts[k]}
+        partials = {"sent": self.counts["partials"], "shed": self.counts["partials_shed"]}
         return {**counts, "turn_latencies_ms": [round(v) for v in latencies[:MAX_TURN_LATENCIES]],
                 **({"engine_errors": errors} if errors else {}),
+                **({"stt_partials": partials} if any(partials.values()) else {}),
                 **{k: _summary(v) for k, v in self.metrics.items() if v}}
 
 
@@ -952,6 +976,8 @@ MAX_TURN_LATENCIES = 500  # keeps a very long call's metrics JSON small; the sum
 # then turned out to be noise or a backchannel (the agent resumed).
 # non_turns: user speech kept but not made a turn (`user.non_turn`: backchannels, noise).
 COUNTED = ("user_turns", "agent_turns", "interruptions", "false_barge_ins", "non_turns")
+# Partial transcripts (`stt_partials`, only when any was tried): `sent` to the client and agent, and `shed`,
+# Whisper partial decodes skipped because a final (any session's) or another partial wanted the STT.
 # Engine failures mid-session: `error` events to the client and the agent, counted under `engine_errors`.
 STT_FAILED, TTS_FAILED, PIPELINE_FAILED = "stt_failed", "tts_failed", "pipeline_failed"
 ENGINE_ERRORS = (STT_FAILED, TTS_FAILED, PIPELINE_FAILED)

@@ -4,6 +4,12 @@
 frame loop can hand off work without waiting and a decode never sees audio accepted after it was asked
 for. `STTLane` adds the stream's bookkeeping: 100 ms batches of audio, pause frames held back until speech
 resumes, and partials tagged with the utterance they belong to, so a late one is never shown for the next.
+
+Partials of an engine that does not stream (Whisper) are whole decodes of the audio so far, so they are
+optional work, shed first: one is tried about every `partial_interval_s` of new speech and runs only when
+the process's STT has nothing better to do (`DecodeGate`: no final decode queued or running in any lane
+on the executor, no other partial decoding). It runs outside the lane's order, on the gate's own thread,
+so a final never queues behind it; a shed partial is counted (`partials_shed`, `on_shed`).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +28,52 @@ import numpy as np
 from .stt.base import STTStream, Transcript
 
 STT_BATCH_FRAMES = 5  # hand the STT 100 ms at a time: fewer executor hops
+SAMPLE_RATE = 16000
+
+
+class DecodeGate:
+    """The decodes on one STT executor, across every session using it, so optional partial decodes yield
+    to finals: a partial starts only when no final is queued or running and no other partial decodes.
+    Partials run on the gate's own single thread, never on one of the executor's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # sessions on several loops may share an executor
+        self.finals = 0  # final decodes queued or running
+        self.partials = 0  # partial decodes running (at most one)
+        self.partial_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stt-partial")
+
+    def final_queued(self) -> None:
+        with self._lock:
+            self.finals += 1
+
+    def final_done(self) -> None:
+        with self._lock:
+            self.finals -= 1
+
+    def try_partial(self) -> bool:
+        """Take the partial slot when the STT is idle; False: shed this partial."""
+        with self._lock:
+            if self.finals or self.partials:
+                return False
+            self.partials += 1
+            return True
+
+    def partial_done(self) -> None:
+        with self._lock:
+            self.partials -= 1
+
+
+_gates: weakref.WeakKeyDictionary[Executor, DecodeGate] = weakref.WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def decode_gate(executor: Executor) -> DecodeGate:
+    """The executor's gate (one per executor, made on first use)."""
+    with _gates_lock:
+        gate = _gates.get(executor)
+        if gate is None:
+            gate = _gates[executor] = DecodeGate()
+        return gate
 
 
 class SerialLane:
@@ -50,10 +104,13 @@ class SerialLane:
 
 class STTLane(SerialLane):
     """One session's STT stream behind a `SerialLane`. `on_partial(text)` gets each new partial of the
-    current utterance (streaming engines only), on the loop."""
+    current utterance, on the loop: from a streaming engine after every batch, from one that does not
+    stream (and whose stream has `partial_decode`, Whisper's) about every `partial_interval_s` of new
+    audio when the gate lets it (None: no partials). `on_shed()` is called for each partial shed."""
 
     def __init__(self, executor: Executor, stream: STTStream, *, streaming: bool,
-                 on_partial: Callable[[str], None]) -> None:
+                 on_partial: Callable[[str], None], partial_interval_s: float | None = None,
+                 on_shed: Callable[[], None] | None = None) -> None:
         super().__init__(executor)
         self.stream = stream
         self.streaming = streaming
@@ -62,9 +119,22 @@ class STTLane(SerialLane):
         self._held: list[np.ndarray] = []  # pause frames not yet given to the STT
         self.last_partial = ""
         self.utterances = 0  # utterances started (tags partials with the utterance they belong to)
+        decode = getattr(stream, "partial_decode", None)
+        self._partial_decode: Callable[[], str | None] | None = (
+            decode if partial_interval_s and not streaming and callable(decode) else None)
+        self._partial_every = int((partial_interval_s or 0) * SAMPLE_RATE)
+        self._since_partial = 0  # samples fed since the last partial was tried
+        self._partial_running = False
+        self._finals = 0  # this lane's finals queued or running
+        self._finals_asked = 0  # finals asked for so far: a partial begun before one is stale
+        self._on_shed = on_shed
+        self.gate = decode_gate(executor)
+        self.partials_tried = 0
+        self.partials_shed = 0
 
     def new_utterance(self) -> None:
         self.utterances += 1
+        self._since_partial = 0
 
     def feed(self, frame: np.ndarray) -> None:
         self._batch.append(frame)
@@ -85,10 +155,53 @@ class STTLane(SerialLane):
             return
         audio = np.concatenate(self._batch)
         self._batch = []
-        self.run(self.stream.accept, audio)
+        accepted = self.run(self.stream.accept, audio)
         if self.streaming:
             utterance = self.utterances
             self.run(self.stream.partial).add_done_callback(lambda f: self._on_partial(f, utterance))
+        elif self._partial_decode is not None:
+            self._since_partial += len(audio)
+            if self._since_partial >= self._partial_every:
+                self._since_partial = 0
+                self._try_partial(accepted)
+
+    def _try_partial(self, accepted: asyncio.Future[Any]) -> None:
+        """A decode of the audio so far, once `accepted` (its last batch) is in, unless anything else
+        wants the STT: then it is shed. It runs beside the lane (the stream's `partial_decode` is safe
+        beside the lane's calls), so a final asked for meanwhile does not wait for it."""
+        self.partials_tried += 1
+        if self._partial_running or self._finals or not self.gate.try_partial():
+            self._shed()
+            return
+        self._partial_running = True
+        utterance, asked, decode, gate = self.utterances, self._finals_asked, self._partial_decode, self.gate
+        assert decode is not None
+
+        async def run() -> str | None:
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(accepted)
+                if asked != self._finals_asked or self._finals:  # a final came while it waited
+                    self._shed()
+                    return None
+                return await self._loop.run_in_executor(gate.partial_executor, contextvars.copy_context().run,
+                                                        decode)
+            finally:
+                gate.partial_done()
+                self._partial_running = False
+
+        def done(fut: asyncio.Future[str | None]) -> None:
+            # Finished after a final was asked for: the final's text (and the turn) may be out already,
+            # and a partial must never follow it.
+            if asked == self._finals_asked:
+                self._on_partial(fut, utterance)
+
+        asyncio.ensure_future(run()).add_done_callback(done)
+
+    def _shed(self) -> None:
+        self.partials_shed += 1
+        if self._on_shed is not None:
+            self._on_shed()
 
     def _on_partial(self, fut: asyncio.Future[str | None], utterance: int) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -102,7 +215,16 @@ class STTLane(SerialLane):
 
     def final(self) -> asyncio.Future[Transcript]:
         self.flush()
-        return self.run(self.stream.final)
+        self._finals += 1
+        self._finals_asked += 1
+        self.gate.final_queued()
+        fut = self.run(self.stream.final)
+        fut.add_done_callback(self._final_done)
+        return fut
+
+    def _final_done(self, _fut: asyncio.Future[Any]) -> None:
+        self._finals -= 1
+        self.gate.final_done()
 
     def latest(self) -> asyncio.Future[Any]:
         """The words so far: the final text of a non-streaming engine, a streaming one's latest partial."""
@@ -116,6 +238,7 @@ class STTLane(SerialLane):
         self._batch.clear()
         self._held.clear()
         self.last_partial = ""
+        self._since_partial = 0
         self.run(self.stream.reset)
 
     def close(self) -> None:

@@ -40,6 +40,14 @@ class STTConfig(_Strict):
     # A model directory, or a name the engine's loader knows (see pipeline.models); None = engine default.
     model: str | None = Field(None, max_length=512)
     language: str = Field("en", min_length=2, max_length=16)
+    # Partial transcripts while the user speaks (`user_partial` to the client, `user.partial` to the agent).
+    # A streaming engine (Vosk) gives them as it decodes. Whisper does not stream: the session decodes the
+    # audio so far about every `partial_interval_s` of new speech, and only when the server's STT has
+    # nothing better to do: with a final decode queued or running in any session, or another partial
+    # decoding, the partial is skipped (shed first under load, counted in the session's metrics), so finals
+    # never wait behind partials. The server's SPEECHPIPE_WHISPER_PARTIAL_S overrides both for Whisper.
+    partials: bool = True
+    partial_interval_s: float = Field(0.5, ge=0.2, le=10.0)
 
 
 class EndpointingConfig(_Strict):

@@ -310,9 +310,11 @@ class WhisperEngine(STTEngine):
         self.beam_size = beam_size
         self.min_window_s = min_window_s
         self.margin_s = margin_s
+        # Server-wide partials override (SPEECHPIPE_WHISPER_PARTIAL_S): seconds of new audio between partial
+        # decodes, 0 = no partials; None = each pipe's stt.partials / stt.partial_interval_s decide. Whisper
+        # does not stream either way: the session's STT lane asks `WhisperStream.partial_decode` when the
+        # machine has time for it (pipeline.stt_lane.DecodeGate).
         self.partial_interval_s = partial_interval_s
-        # With partials on, the engine "streams" as far as the pipeline is concerned: it asks partial().
-        self.streaming = bool(partial_interval_s)
         self._en_tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task="transcribe",
                                        language="en")
         self._suppress = list(get_suppressed_tokens(self._en_tokenizer, [-1]) or [])
@@ -459,7 +461,10 @@ class WhisperEngine(STTEngine):
 
 
 class WhisperStream(STTStream):
-    """Buffers one utterance; decodes on final() and caches the result until more audio arrives."""
+    """Buffers one utterance; decodes on final() and caches the result until more audio arrives.
+
+    `accept`, `final`, `partial_decode` and `reset` may run on different threads at once (a partial decodes
+    beside the session's STT lane): a decode that began before a reset never lands in the next utterance."""
 
     def __init__(self, engine: WhisperEngine, language: str | None) -> None:
         self._engine = engine
@@ -471,6 +476,7 @@ class WhisperStream(STTStream):
         self._cached_n = -1
         self._partial_n = 0
         self._partial_text: str | None = None
+        self._gen = 0  # utterances reset so far: a decode of an earlier one is not cached
         self.last_info: DecodeInfo | None = None
 
     def accept(self, pcm16: np.ndarray) -> None:
@@ -486,10 +492,10 @@ class WhisperStream(STTStream):
 
     def partial(self) -> str | None:
         # Whisper does not stream: a partial is a full decode of the audio so far, 0.2-0.5 s of a core for
-        # a 2-8 s turn, so partials every second would take most of a 2-core machine's decode capacity
-        # from the other sessions. Off by default: the pipeline's speculative final() at each pause gives
-        # the text at one decode per pause. With partial_interval_s set, decode at most once per that much
-        # new audio.
+        # a 2-8 s turn. The pipeline does not ask this: its STT lane calls partial_decode() about every
+        # stt.partial_interval_s of new speech, and only when no final decode wants the CPU
+        # (pipeline.stt_lane.DecodeGate). Here, for callers that feed a stream by hand: None unless the
+        # engine's partial_interval_s is set, then a decode at most once per that much new audio.
         interval = self._engine.partial_interval_s
         if not interval:
             return None
@@ -504,23 +510,30 @@ class WhisperStream(STTStream):
             self._partial_text = text
         return text or None
 
+    def partial_decode(self) -> str | None:
+        """The text of the audio so far, for a partial the pipeline asks for when the STT is idle: final()'s
+        decode (so an endpoint with no audio after it reuses the result). None when there is no text."""
+        return self.final().text or None
+
     def final(self) -> Transcript:
         with self._lock:
             if self._cached is not None and self._cached_n == self._n:
                 return self._cached
-            n = self._n
+            n, gen = self._n, self._gen
             audio = self._buf[:n].copy()
         t0 = time.perf_counter()
         text, info = self._engine.transcribe(audio, self._language)
         result = Transcript(text=text, audio_s=n / SAMPLE_RATE, compute_s=time.perf_counter() - t0)
         with self._lock:
-            self.last_info = info
-            if self._n == n:  # no audio arrived while decoding: the result covers everything
-                self._cached, self._cached_n = result, n
+            if self._gen == gen:
+                self.last_info = info
+                if self._n == n:  # no audio arrived while decoding: the result covers everything
+                    self._cached, self._cached_n = result, n
         return result
 
     def reset(self) -> None:
         with self._lock:
+            self._gen += 1
             self._n = 0
             self._cached, self._cached_n = None, -1
             self._partial_n, self._partial_text = 0, None
