@@ -119,10 +119,13 @@ class Telemetry:
         self.tts_compute = Histogram("speechpipe_tts_compute_seconds", "TTS time per sentence (waits for "
                                      "buffer space excluded)", d, buckets=FAST_BUCKETS, registry=r)
         self.tts_audio = Counter("speechpipe_tts_audio_seconds", "Audio synthesized", d, registry=r)
+        self.partials_shed = Counter("speechpipe_stt_partials_shed", "Partial transcripts skipped because a "
+                                     "final decode was waiting (shed first under load)", d, registry=r)
         for direction in LIVE_DIRECTIONS:  # every series exists from the start, so rate() sees the first one
             for family in (self.sessions_live, self.sessions_started, self.interrupted, self.barge_ins,
                            self.response_latency, self.barge_in_reaction, self.stt_final, self.stt_compute,
-                           self.stt_audio, self.tts_first_audio, self.tts_compute, self.tts_audio):
+                           self.stt_audio, self.tts_first_audio, self.tts_compute, self.tts_audio,
+                           self.partials_shed):
                 family.labels(direction)
             for role in ("user", "agent"):
                 self.turns.labels(role, direction)
@@ -198,6 +201,10 @@ class Telemetry:
             audio_s = _seconds(values, "audio_s", 1.0)
             if audio_s is not None:
                 audio.labels(d).inc(audio_s)
+        elif name == "stt_partial_shed":
+            count = values.get("count")
+            if isinstance(count, int | float) and 0 < count < 1e6:
+                self.partials_shed.labels(d).inc(count)
 
     def source_lost(self, source: object) -> None:
         """A worker's telemetry socket closed: its sessions still live died with it."""
