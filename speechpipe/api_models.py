@@ -154,12 +154,23 @@ class Turn(_Out):
     kind: Literal["turn", "backchannel", "noise"] = Field(
         "turn", description="'turn' for a conversation turn; user speech that was not one is kept and "
         "marked: 'backchannel' (only \"mm-hm\", \"okay\"… over the agent, which carried on) or 'noise'.")
+    redacted: bool = Field(False, description="Said while the agent had paused the recording: `text` is "
+                           "\"[redacted]\" (the agent got the words; they were never stored).")
+    created_at: datetime
+
+
+class SessionEvent(_Out):
+    kind: Literal["recording_paused", "recording_resumed"]
+    at_ms: int | None = Field(description="Offset into the recording, ms.")
     created_at: datetime
 
 
 class Transcript(_Out):
     session_id: str
     turns: list[Turn]
+    events: list[SessionEvent] = Field(
+        default_factory=list, description="What happened besides turns, in order: the spans in which the "
+        "recording was paused (their user turns are redacted).")
 
 
 class Health(_Out):

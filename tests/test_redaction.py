@@ -34,7 +34,7 @@ SECRET = "my card number is 4111 1111 1111 1111"
 REDACTED = "[redacted]"
 
 
-async def _rest_transcript(ch, session_id: str, tmp_path: Path) -> list[dict]:
+async def _rest_transcript(ch, session_id: str, tmp_path: Path) -> dict:
     """GET /v1/sessions/{id}/transcript from a real REST app over the channel's database."""
     settings = Settings(data_dir=tmp_path / "rest", database_url="sqlite:///unused.db")
     app = create_app(settings, ch.store, route_groups=[setup_rest])
@@ -47,7 +47,7 @@ async def _rest_transcript(ch, session_id: str, tmp_path: Path) -> list[dict]:
         async with aiohttp.ClientSession() as http, http.get(
                 url, headers={"Authorization": f"Bearer {ch.api_key}"}) as resp:
             assert resp.status == 200, await resp.text()
-            return (await resp.json())["turns"]
+            return await resp.json()
     finally:
         await runner.cleanup()
 
@@ -102,7 +102,11 @@ async def test_typed_turns_while_paused_reach_only_the_agent(agent_channel, capl
 
     # REST serves the stored text: no transcript surface returns the paused words.
     rest = await _rest_transcript(ch, call.session_id, tmp_path)
-    assert [t["text"] for t in rest if t["role"] == "user"] == ["hello", "pause", REDACTED, REDACTED, "after"]
+    assert [(t["text"], t["redacted"]) for t in rest["turns"] if t["role"] == "user"] == [
+        ("hello", False), ("pause", False), (REDACTED, True), (REDACTED, True), ("after", False)]
+    # ...and shows the gap.
+    assert [(e["kind"], e["at_ms"]) for e in rest["events"]] == [("recording_paused", paused.at_ms),
+                                                                 ("recording_resumed", resumed.at_ms)]
 
     # The session's log lines name the turn, never its words.
     session_lines = [r.getMessage() for r in caplog.records if r.name.endswith("pipeline.session")]

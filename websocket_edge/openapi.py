@@ -28,6 +28,7 @@ from speechpipe.api_models import (  # re-exported: the models' old home
     PipeUpdate,
     RecordingInfo,
     Session,
+    SessionEvent,
     SessionList,
     SessionToken,
     TokenCreate,
@@ -39,7 +40,7 @@ from speechpipe.api_models import (  # re-exported: the models' old home
 __all__ = [
     "AGENT_ID_PATTERN", "API_VERSION", "ID_PATTERN", "Direction", "ErrorBody", "ErrorResponse",
     "Health", "ListPipesQuery", "ListSessionsQuery", "Name", "Pipe", "PipeCreate", "PipeList",
-    "PipeUpdate", "RecordingInfo", "Session", "SessionList", "SessionToken", "TokenCreate",
+    "PipeUpdate", "RecordingInfo", "Session", "SessionEvent", "SessionList", "SessionToken", "TokenCreate",
     "Transcript", "Turn", "UTCDatetime", "build_openapi"
 ]
 
@@ -178,8 +179,8 @@ def build_openapi(*, demo: bool = False) -> dict[str, Any]:
         },
         "/v1/sessions/{session_id}/transcript": {
             "parameters": [session_id],
-            "get": _op("getTranscript", "A session's turns in order", (200, "The transcript", _json(
-                _ref(name[Transcript]))), errors=(404,), tag="sessions"),
+            "get": _op("getTranscript", "A session's turns in order, and when its recording was paused",
+                       (200, "The transcript", _json(_ref(name[Transcript]))), errors=(404,), tag="sessions"),
         },
         "/v1/sessions/{session_id}/recording": {
             "parameters": [session_id],

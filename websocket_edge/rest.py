@@ -288,11 +288,16 @@ async def get_session(request: web.Request) -> web.Response:
 async def get_transcript(request: web.Request) -> web.Response:
     key = await authenticate(request)
     session_id = _path_id(request, "session_id", "sess", Code.SESSION_NOT_FOUND)
-    turns = await request.app[STORE_KEY].list_turns(session_id, workspace_id=key.workspace_id)
+    store = request.app[STORE_KEY]
+    turns = await store.list_turns(session_id, workspace_id=key.workspace_id)
+    events = await store.list_session_events(session_id, workspace_id=key.workspace_id)
     out = [api.Turn(seq=t.seq, role=t.role, text=t.text, start_ms=t.start_ms,  # type: ignore[arg-type]
                     end_ms=t.end_ms, interrupted=t.interrupted, heard_text=t.heard_text,
-                    kind=t.kind, created_at=t.created_at) for t in turns]  # type: ignore[arg-type]
-    return _json(api.Transcript(session_id=session_id, turns=out))
+                    kind=t.kind, redacted=t.redacted, created_at=t.created_at)  # type: ignore[arg-type]
+           for t in turns]
+    marks = [api.SessionEvent(kind=e.kind, at_ms=e.at_ms, created_at=e.created_at)  # type: ignore[arg-type]
+             for e in events]
+    return _json(api.Transcript(session_id=session_id, turns=out, events=marks))
 
 
 _MEDIA_TYPES = {"wav": "audio/wav"}
