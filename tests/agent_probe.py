@@ -4,8 +4,9 @@ Run as `python tests/agent_probe.py` with SPEECHPIPE_URL / SPEECHPIPE_API_KEY / 
 PROBE_LOG naming the JSON-lines file. What the user says (typed turns) picks the behaviour:
   "say X"  "end X"  "transfer X"  "dispatch X"  "pause"  "resume"  "boom" (the user_turn hook raises)
   "long" (a slow, long streamed reply)  "sleep N" (answer after N s)  "stats"  anything else: echo.
-DTMF "#" calls session.interrupt(); DTMF "9" makes the dtmf hook raise. Metadata `raise_in_entry` makes the
-entrypoint raise after registering its hooks; jobs for pipe PROBE_REFUSE_PIPE are refused by `on_job`.
+DTMF "#" calls session.interrupt(); DTMF "0" answers with a `say`; DTMF "9" makes the dtmf hook raise.
+Metadata `raise_in_entry` makes the entrypoint raise after registering its hooks; jobs for pipe
+PROBE_REFUSE_PIPE are refused by `on_job`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ async def handle_call(ctx: CallContext) -> None:
             raise RuntimeError("dtmf hook blew up")
         if digit == "#":
             return s.interrupt()
+        if digit == "0":
+            return s.say("You pressed zero: connecting you to the operator.")  # a menu's answer
         return None
 
     async def answer(turn: UserTurn) -> Any:

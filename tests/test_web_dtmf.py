@@ -214,6 +214,9 @@ async def test_page_keypad_sends_dtmf_to_the_agent(dtmf_server, tmp_path: Path) 
             for key in ["1", "2", "#", "0", "*"]:
                 await page.click(f'#keypad button[data-digit="{key}"]')
             assert await wait_digits(srv, 5) == ["1", "2", "#", "0", "*"], messages
+            # The agent answers "0" out loud: the page gets the reply and plays it to the end.
+            await wait_log(page, "log.some(e => e.type === 'agent.speech_done' && !e.interrupted && "
+                           "e.text.startsWith('You pressed zero'))", WAIT_S, messages)
             # The SDK checks digits itself: a bad one throws and sends nothing.
             thrown = await page.evaluate("""() => { try { window.speechpipePage.session.sendDtmf("12x");
                 return null; } catch (e) { return e.name + ": " + e.message; } }""")
