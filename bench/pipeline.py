@@ -202,6 +202,8 @@ async def capacity(engines: Engines, n: int, turns: int) -> dict:
             wers.append(wer(SENTENCES[(k + i) % len(SENTENCES)], u.text))
     latency = [m.values["response_latency_ms"] for r in runs for m in r.of(ev.Metric) if m.name == "turn"]
     answered = sum(len(r.of(ev.AgentSpeechDone)) for r in runs)
+    partials = sum(len(r.of(ev.UserPartial)) for r in runs)
+    shed = sum(r.session.counts["partials_shed"] for r in runs)
     for r in runs:
         await r.session.end("bench")
     cpu = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime)
@@ -209,7 +211,8 @@ async def capacity(engines: Engines, n: int, turns: int) -> dict:
             "wer": float(np.mean(wers)) if wers else float("nan"),
             "answered": answered, "expected": n * turns,
             "latency_p50": pct(latency, 50), "latency_p95": pct(latency, 95),
-            "cpu_per_session": cpu / wall / n * 100, "rss_per_session": (rss1 - rss0) / n}
+            "cpu_per_session": cpu / wall / n * 100, "rss_per_session": (rss1 - rss0) / n,
+            "partials": partials, "shed": shed}
 
 
 def vad_accuracy() -> list[tuple[str, dict]]:
@@ -268,7 +271,8 @@ async def main() -> None:
         print()
     if "capacity" not in skip:
         print("Concurrent sessions (one process, one event loop, shared models):")
-        print("  n   late p99  late max  WER    answered  resp p50  resp p95  CPU%/session  MB/session")
+        print("  n   late p99  late max  WER    answered  resp p50  resp p95  CPU%/session  MB/session  "
+              "partials sent/shed")
         for n in (int(x) for x in args.sessions.split(",")):
             r = await capacity(engines, n, args.capacity_turns)
             ok = r["late_p99"] <= 40 and r["answered"] == r["expected"]
@@ -276,7 +280,7 @@ async def main() -> None:
             print(f"  {n:<3d} {r['late_p99']:6.1f} ms {r['late_max']:6.0f} ms  {r['wer']:.3f}  "
                   f"{r['answered']:3d}/{r['expected']:<3d}  {r['latency_p50']:6.0f} ms "
                   f"{r['latency_p95']:6.0f} ms  {r['cpu_per_session']:8.1f}     "
-                  f"{r['rss_per_session']:6.1f}  {verdict}")
+                  f"{r['rss_per_session']:6.1f}  {r['partials']:5d}/{r['shed']:<5d}  {verdict}")
 
 
 if __name__ == "__main__":
