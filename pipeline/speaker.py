@@ -19,7 +19,7 @@ import numpy as np
 
 from .audio import FrameChunker, Resampler
 from .config import TTSConfig
-from .text import SentenceSplitter
+from .text import SETTLE_S, SentenceSplitter
 from .tts import TTSEngine
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Speaker:
         self.replies: list[Reply] = []  # queued or playing, in order
         self._work: asyncio.Queue[tuple[Reply, str | None]] = asyncio.Queue()
         self._splitters: dict[int, SentenceSplitter] = {}
+        self._settle_timers: dict[int, asyncio.TimerHandle] = {}
         self._task = asyncio.get_running_loop().create_task(self._synthesis_loop(), name="speaker")
         self.synth_first_chunk_ms: list[float] = []
         # Per synthesized sentence: first_audio_ms (synthesis start → first chunk), compute_ms (synthesis
@@ -125,12 +126,31 @@ class Speaker:
     def push_text(self, reply: Reply, delta: str) -> None:
         if reply.cancelled or reply.text_done:
             return
-        for sentence in self._splitters[id(reply)].push(delta):
+        splitter = self._splitters[id(reply)]
+        for sentence in splitter.push(delta):
+            self._work.put_nowait((reply, sentence))
+        timer = self._settle_timers.pop(id(reply), None)
+        if timer is not None:
+            timer.cancel()
+        if splitter.waiting:  # a sentence may have just ended: speak it if the agent pauses here
+            self._settle_timers[id(reply)] = asyncio.get_running_loop().call_later(
+                SETTLE_S, self._settle, reply)
+
+    def _settle(self, reply: Reply) -> None:
+        self._settle_timers.pop(id(reply), None)
+        splitter = self._splitters.get(id(reply))
+        if splitter is None or reply.cancelled or reply.text_done:
+            return
+        sentence = splitter.settle()
+        if sentence is not None:
             self._work.put_nowait((reply, sentence))
 
     def end_text(self, reply: Reply) -> None:
         if reply.text_done:
             return
+        timer = self._settle_timers.pop(id(reply), None)
+        if timer is not None:
+            timer.cancel()
         rest = self._splitters.pop(id(reply)).flush()
         if rest and not reply.cancelled:
             self._work.put_nowait((reply, rest))
@@ -264,6 +284,9 @@ class Speaker:
 
     async def close(self) -> None:
         self.cancel_all()
+        for timer in self._settle_timers.values():
+            timer.cancel()
+        self._settle_timers.clear()
         self._task.cancel()
         try:
             await self._task

@@ -7,7 +7,9 @@ has no spaces). A period does not end a sentence after a known abbreviation (`Dr
 single capital (`J. R. R.`), after a list number at the start of a line (`1. `), or when the next word
 starts in lower case (`approx. five`, `Well... maybe`). Decimals and dotted names (`3.5`, `example.com`)
 never split because no whitespace follows the dot. When the text ends right after a terminator, the
-splitter waits for the next delta (or flush) to decide.
+splitter waits for the next delta (or flush) to decide; `waiting` says so, and `settle()` decides it as an
+end when the agent has paused there (the speaker calls it after SETTLE_S without new text, so a streaming
+agent that pauses between sentences is not left waiting in silence for its next piece).
 
 Long clauses are cut early at a clause break (`,` `;` `:` or a spaced dash), and only the first segment of
 a reply is cut eagerly. Why: espeak-ng speaks ~15 characters/s at 175 wpm while agents stream text at
@@ -27,6 +29,9 @@ FIRST_CHARS = 40
 CLAUSE_CHARS = 120
 MAX_CHARS = 250
 MIN_CLAUSE_CHARS = 15
+# Text that stops right after a sentence end for this long has finished that sentence: token gaps of a
+# streaming LLM are ~10-50 ms, so 0.2 s is a pause (a tool call, the next thought), not the middle of one.
+SETTLE_S = 0.2
 
 _TERMINATORS = ".!?…"
 _FULLWIDTH_TERMINATORS = "。！？"
@@ -59,6 +64,8 @@ class SentenceSplitter:
         self._buf = ""
         self._resume = 0  # scanning restarts here: everything before it is known not to be a boundary
         self._emitted = False
+        self.waiting = False  # the text ends right after a terminator: the next delta decides
+
 
     def push(self, delta: str) -> list[str]:
         self._buf += delta
@@ -68,14 +75,34 @@ class SentenceSplitter:
             if end is None or end == _WAIT:
                 break
             self._emit(end, out)
+        self.waiting = end == _WAIT
         if end is None:
             self._early_cut(out)
         return out
 
+    def settle(self) -> str | None:
+        """No more text came after the buffer's final terminator: that was a sentence end, unless the period
+        follows an abbreviation, an initial or a list number. Returns the sentence, or None."""
+        if not self.waiting:
+            return None
+        buf = self._buf.rstrip()
+        k = len(buf)
+        while k > 0 and buf[k - 1] in _CLOSERS:
+            k -= 1
+        j = k
+        while j > 0 and buf[j - 1] in _TERMINATORS + _FULLWIDTH_TERMINATORS:
+            j -= 1
+        if j == k or (buf[j:k] == "." and self._period_is_not_an_end(j)):
+            return None
+        out: list[str] = []
+        self._emit(len(self._buf), out)
+        self.waiting = False
+        return out[0] if out else None
+
     def flush(self) -> str | None:
         """The unfinished rest of the reply (None if nothing speakable is left); then start afresh."""
         rest = self._buf.strip()
-        self._buf, self._resume, self._emitted = "", 0, False
+        self._buf, self._resume, self._emitted, self.waiting = "", 0, False, False
         return rest if _has_words(rest) else None
 
     # -- internals -------------------------------------------------------------------------------------

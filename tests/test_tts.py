@@ -298,6 +298,43 @@ def test_splitter_waits_for_the_next_word_after_a_period() -> None:
     assert s.flush() == "Ok"
 
 
+def test_settle_ends_a_sentence_the_agent_paused_after() -> None:
+    s = SentenceSplitter()
+    assert s.push("Sure thing!") == [] and s.waiting
+    assert s.settle() == "Sure thing!" and not s.waiting
+    assert s.push(" Anything else?") == [] and s.settle() == "Anything else?"
+    # A pause after an abbreviation or an initial is no sentence end; mid-sentence text is not waiting.
+    assert s.push("Ask for Dr.") == [] and s.waiting and s.settle() is None
+    assert s.push(" Smith") == [] and not s.waiting and s.settle() is None
+    assert s.flush() == "Ask for Dr. Smith"
+
+
+async def test_a_streamed_sentence_is_spoken_while_the_agent_pauses(tts: EspeakTTS) -> None:
+    """The first sentence plays although no further text (nor the end of the reply) comes: an agent that
+    waits for it to be heard before streaming on is not deadlocked."""
+    from speechpipe.pipeline.config import TTSConfig
+    from speechpipe.pipeline.speaker import Speaker
+
+    speaker = Speaker(tts, TTSConfig(), 16000)
+    try:
+        reply = speaker.begin(1)
+        speaker.push_text(reply, "Let me check that for you.")
+        frames = []
+        for _ in range(1000):  # generous: the settle delay, then espeak's first audio
+            frame = speaker.pull()
+            if frame is not None:
+                frames.append(frame)
+                if len(frames) >= 10:
+                    break
+            await asyncio.sleep(0.01)
+        assert len(frames) >= 10 and not reply.text_done
+        speaker.push_text(reply, " It is open until six.")
+        speaker.end_text(reply)
+        assert [s.text for s in reply.sentences][:1] == ["Let me check that for you."]
+    finally:
+        await speaker.close()
+
+
 def test_splitter_cuts_a_long_first_clause_early_and_later_ones_late() -> None:
     first = "Sure, I can help you with that, but first I need to confirm a few details about your account"
     streamed = split(first + ". And then, once that is done, we can move on.", step=3)
