@@ -35,6 +35,7 @@ from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
 from speechpipe.storage import AsyncStore, Store
 from speechpipe.websocket_edge.agent_channel import AgentHub, setup_agent_channel
 from speechpipe.websocket_edge.metrics import setup_metrics
+from tests.procs import splice
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "agent_probe.py"
@@ -357,16 +358,7 @@ class TcpProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.conns.append((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            with contextlib.suppress(Exception):
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await splice((reader, writer), (up_reader, up_writer))
 
     def cut(self, index: int) -> None:
         """Abort connection `index` (in accept order) on both sides."""

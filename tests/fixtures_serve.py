@@ -1,7 +1,7 @@
 """A real `speechpipe serve` in a private network namespace, for tests that drive the whole product:
 the subprocess wrapper, a gateway from the test process into the namespace, the CLI, and a small runner
 script that logs every call and turn it gets (tests/test_phone_agent.py, tests/test_crash_recovery.py).
-Fixtures: `short_tmp`, `procs`.
+Fixtures: `short_tmp`, `procs`, `cluster` (several nodes, tests/nodes.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import aiohttp
 import pytest
 
 from tests.fixtures_sip import NetNS
+from tests.nodes import Cluster
+from tests.procs import splice
 
 SPEECHPIPE = str(Path(sys.executable).parent / "speechpipe")
 CLONE_NEWNET = 0x40000000
@@ -115,16 +118,7 @@ class Gateway:
         sock = await asyncio.to_thread(connect_in, self.ns, self.port)
         up_reader, up_writer = await asyncio.open_connection(sock=sock)
         self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            with contextlib.suppress(Exception):
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await splice((reader, writer), (up_reader, up_writer))
 
     def http(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(self.path)))
@@ -193,3 +187,29 @@ async def procs() -> AsyncIterator[list[Proc]]:
     yield started
     for p in reversed(started):  # the runner first, then serve (which stops its SIP workers)
         await asyncio.to_thread(p.stop)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Real `serve` nodes on PostgreSQL + Redis (tests/nodes.py), all stopped after the test."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, c.close)
+
+
+async def wait_sip_ready(http: aiohttp.ClientSession, base: str, serve: Proc, within_s: float = 120,
+                         tail: Any = None) -> dict[str, Any]:
+    """Poll serve's /healthz until its SIP workers are up (they load their models after serve listens);
+    returns the health document."""
+    health: dict[str, Any] = {}
+    deadline = time.monotonic() + within_s
+    while not health.get("sip", {}).get("ok"):
+        up = serve.proc.poll() is None and time.monotonic() < deadline
+        assert up, f"no SIP worker up: {health}\n{(tail or serve.tail)()}"
+        await asyncio.sleep(0.2)
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status in (200, 503), await r.text()
+            health = await r.json()
+    return health

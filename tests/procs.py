@@ -1,7 +1,9 @@
-"""Subprocess helpers the tests share."""
+"""Subprocess and socket helpers the tests share."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import subprocess
 from typing import Any
@@ -17,3 +19,18 @@ def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, within_
             proc.kill()
             proc.wait(10)
     return proc.returncode
+
+
+async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Copy bytes both ways between two stream pairs until each side ends (a TCP proxy's body)."""
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        with contextlib.suppress(Exception):
+            dst.close()
+
+    await asyncio.gather(pipe(a[0], b[1]), pipe(b[0], a[1]))

@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import sys
-import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import pytest
 from speechpipe.errors import NotFoundError
 from speechpipe.storage import Store
 from tests.fixtures_db import pg_admin_url
-from tests.fixtures_serve import AGENT_SCRIPT, SPEECHPIPE, Gateway, Proc, clean_env, cli
+from tests.fixtures_serve import AGENT_SCRIPT, SPEECHPIPE, Gateway, Proc, clean_env, cli, wait_sip_ready
 from tests.fixtures_sip import ANSWER, NetNS, baresip_call, read_jsonl, wait_for
 from tests.speech import silence, synth, wer, write_wav
 
@@ -157,14 +156,7 @@ async def _chaos(data_dir: Path, outside: dict[str, str], inside: dict[str, str]
     store = Store(outside.get("SPEECHPIPE_DATABASE_URL") or f"sqlite:///{data_dir / 'speechpipe.db'}")
     try:
         # ---- one phone call: the worker must be up first (it loads its models after serve listens).
-        health: dict[str, Any] = {}
-        deadline = time.monotonic() + 120
-        while not health.get("sip", {}).get("ok"):
-            up = serve.proc.poll() is None and time.monotonic() < deadline
-            assert up, f"no SIP worker: {health}\n{tails()}"
-            await asyncio.sleep(0.2)
-            async with http.get(f"{base}/healthz") as r:
-                health = await r.json()
+        health = await wait_sip_ready(http, base, serve, tail=tails)
         worker_pid = health["sip"]["workers"][0]["pid"]
         question = np.concatenate([silence(400, 8000), synth(QUESTION, rate=8000), silence(30000, 8000)])
         write_wav(tmp_path / "question.wav", question, 8000)

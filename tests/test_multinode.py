@@ -21,15 +21,6 @@ SENTENCES = ["What time does the shop open tomorrow?", "Please send me the invoi
              "I would like to book a table for two."]
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await asyncio.get_running_loop().run_in_executor(None, c.close)
-
-
 def echoed(heard: str, answer: str) -> bool:
     return answer == f"You said: {heard}" and bool(normalise_text(heard))
 

@@ -26,7 +26,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.fixtures_serve import AGENT_SCRIPT, SPEECHPIPE, Gateway, Proc, cli
+from tests.fixtures_serve import AGENT_SCRIPT, SPEECHPIPE, Gateway, Proc, cli, wait_sip_ready
 from tests.fixtures_sip import ANSWER, NetNS, baresip_call, read_jsonl, wait_for
 from tests.speech import read_wav, resample, silence, synth, wer, write_wav
 
@@ -119,15 +119,8 @@ async def test_one_runner_answers_a_phone_call_and_a_web_session_through_serve(
         assert ws.close_code == 1000
 
         # ---- the phone call: baresip → SIP worker → relay → hub → the same runner.
-        health: dict[str, Any] = {}
-        deadline = time.monotonic() + 120  # the worker loads its models after serve listens
-        while not health.get("sip", {}).get("ok"):
-            up = serve.proc.poll() is None and time.monotonic() < deadline
-            assert up, f"no SIP worker up: {health}\n{serve.tail()}"
-            await asyncio.sleep(0.2)
-            async with http.get(f"{base}/healthz") as r:
-                health = await r.json()
-        assert r.status == 200 and health["sip"]["workers"][0]["port"] == SIP_PORT, health
+        health = await wait_sip_ready(http, base, serve)
+        assert health["sip"]["workers"][0]["port"] == SIP_PORT, health
         question = np.concatenate([silence(400, 8000), synth(QUESTION, rate=8000), silence(8000, 8000)])
         write_wav(tmp_path / "question.wav", question, 8000)
         call = baresip_call(netns, tmp_path / "baresip", f"sip:{EXTENSION}@127.0.0.1:{SIP_PORT}",

@@ -84,28 +84,6 @@ async def dtmf_server(agent_engines, tmp_path: Path) -> AsyncIterator[DtmfServer
         store.close()
 
 
-@pytest.fixture
-async def connect() -> AsyncIterator:
-    """`await connect(url)`: a raw client reading in the background; all are closed after the test."""
-    import aiohttp
-
-    http = aiohttp.ClientSession()
-    clients: list[RawClient] = []
-
-    async def open_client(url: str) -> RawClient:
-        client = RawClient(await http.ws_connect(url, autoclose=True, max_msg_size=0))
-        client.start_reading()
-        clients.append(client)
-        return client
-
-    yield open_client
-    for c in clients:
-        await c.ws.close()
-        if c._reader is not None:
-            c._reader.cancel()
-    await http.close()
-
-
 async def started_with_agent(srv: DtmfServer, client: RawClient) -> str:
     """Send `start`; the session id once the probe's entrypoint runs (digits before that have no agent)."""
     await client.send_json({"type": "start", "sample_rate": 16000})
@@ -123,9 +101,9 @@ async def wait_digits(srv: DtmfServer, count: int) -> list[str]:
     return srv.digits()
 
 
-async def test_web_dtmf_reaches_the_agents_dtmf_hook_in_order(dtmf_server, connect) -> None:
+async def test_web_dtmf_reaches_the_agents_dtmf_hook_in_order(dtmf_server, raw_connect) -> None:
     srv = dtmf_server
-    client = await connect(srv.ws_url())
+    client = await raw_connect(srv.ws_url())
     await started_with_agent(srv, client)
     await client.send_json({"type": "dtmf", "digits": "12#"})
     assert await wait_digits(srv, 3) == ["1", "2", "#"]
@@ -152,10 +130,11 @@ INVALID = [
 ]
 
 
-async def test_invalid_dtmf_messages_are_error_events_and_the_session_goes_on(dtmf_server, connect) -> None:
+async def test_invalid_dtmf_messages_are_error_events_and_the_session_goes_on(dtmf_server,
+                                                                              raw_connect) -> None:
     srv = dtmf_server
     srv.edge.limits = dataclasses.replace(srv.edge.limits, max_bad_messages=len(INVALID) + 5)
-    client = await connect(srv.ws_url())
+    client = await raw_connect(srv.ws_url())
     await client.send_json({"type": "dtmf", "digits": "1"})  # before `start`
     (early,) = await client.wait_for("error", timeout_s=WAIT_S)
     assert early["code"] == "not_started"
@@ -172,10 +151,10 @@ async def test_invalid_dtmf_messages_are_error_events_and_the_session_goes_on(dt
     assert await client.closed(WAIT_S) == (1000, "normal: client_stop")
 
 
-async def test_invalid_dtmf_messages_count_towards_the_bad_message_close(dtmf_server, connect) -> None:
+async def test_invalid_dtmf_messages_count_towards_the_bad_message_close(dtmf_server, raw_connect) -> None:
     srv = dtmf_server
     assert srv.edge.limits.max_bad_messages == 5
-    client = await connect(srv.ws_url())
+    client = await raw_connect(srv.ws_url())
     await started_with_agent(srv, client)
     for message in INVALID[:5]:
         await client.ws.send_str(json.dumps(message))

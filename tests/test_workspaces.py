@@ -6,7 +6,6 @@ Real databases (SQLite and PostgreSQL), a real server over HTTP, real runner pro
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -245,15 +244,6 @@ async def test_a_runner_only_gets_sessions_of_its_keys_workspace(agent_channel) 
 
 
 # ------------------------------------------------------------------------------------------- two nodes
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        await asyncio.get_running_loop().run_in_executor(None, c.close)
 
 
 @pytest.mark.postgres
