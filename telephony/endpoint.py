@@ -31,6 +31,7 @@ import pjsua2 as pj
 from . import sipmsg
 from .config import SipConfig
 from .media import FrameBridge, PcmPort, PortPool
+from .pbx_check import HUNT_HEADER
 
 log = logging.getLogger(__name__)
 pjlog = logging.getLogger("speechpipe.telephony.pjsip")
@@ -49,6 +50,7 @@ class IncomingCall:
     caller_name: str | None
     remote_uri: str
     source: str  # transport address the INVITE came from
+    hunt: str | None = None  # X-SpeechPipe-Hunt "<index>/<workers>" from our Asterisk dialplan (pbx_check.py)
 
 
 @dataclass(frozen=True)
@@ -397,7 +399,7 @@ class SipEndpoint:
             key=key, sip_call_id=sipmsg._clean(str(info.callIdString)) or "",
             dialled=sipmsg.dialled_user(message, str(info.localUri)), caller=caller,
             caller_name=caller_name, remote_uri=sipmsg._clean(str(info.remoteUri)) or "",
-            source=str(prm.rdata.srcAddress))
+            source=str(prm.rdata.srcAddress), hunt=sipmsg.header(message, HUNT_HEADER))
         ring = pj.CallOpParam(True)
         ring.statusCode = 180
         call.answer(ring)

@@ -6,7 +6,10 @@ stayed up a minute) and starts it again; the new worker closes its predecessor's
 Workers report over a pipe (JSON lines on `SPEECHPIPE_SIP_STATUS_FD`): `ready` once pjsua listens, then
 `stats` every second. A worker silent for `heartbeat_timeout_s` is presumed hung and killed.
 
-`health()` is the snapshot `/healthz` shows.
+`health()` is the snapshot `/healthz` shows: per worker its state, calls, call limit, pjsua build and
+memory (RSS and PSS from /proc: PSS splits shared pages between the processes that share them, so the PSS
+figures add up to what the workers really cost), and for the whole: live calls, capacity, memory, and the
+first PBX mismatch a worker saw (see pbx_check.py; it turns the health to error).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any, TextIO
 
 from speechpipe.settings import Settings
 
+from .pbx_check import check_at_start
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +46,7 @@ class WorkerSlot:
     last_seen: float = 0.0
     last_exit: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None  # pjsua's version, from the worker's `ready` line
     proc: asyncio.subprocess.Process | None = None
     task: asyncio.Task[None] | None = None
 
@@ -55,8 +61,26 @@ class WorkerSlot:
             "calls": st.get("calls", 0), "max_calls": st.get("max_calls", 0),
             "rejected_busy": st.get("rejected_busy", 0), "answered": st.get("answered", 0),
             "late_frames": st.get("late_out", 0) + st.get("late_in", 0),
-            "registration": st.get("registration"),
+            "registration": st.get("registration"), "pjsua": self.version,
+            "build_max_calls": st.get("build_max_calls", 0), "pbx_mismatch": st.get("pbx_mismatch"),
+            **process_memory_mb(self.pid if self.state in ("starting", "up") else None),
         }
+
+
+def process_memory_mb(pid: int | None) -> dict[str, float | None]:
+    """{"rss_mb", "pss_mb"} of a process from /proc/<pid>/smaps_rollup (None where unknown)."""
+    out: dict[str, float | None] = {"rss_mb": None, "pss_mb": None}
+    if pid is None:
+        return out
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss") and rest.split():
+            out[f"{key.lower()}_mb"] = round(int(rest.split()[0]) / 1024, 1)
+    return out
 
 
 class SipSupervisor:
@@ -88,7 +112,12 @@ class SipSupervisor:
 
     # ---- control -----------------------------------------------------------------------------------
     async def start(self, wait_ready_s: float | None = 60.0) -> None:
-        """Start every worker; with `wait_ready_s`, return once all report ready (or that time passed)."""
+        """Start every worker; with `wait_ready_s`, return once all report ready (or that time passed).
+
+        With SPEECHPIPE_SIP_PBX_CONF set, first compare that Asterisk configuration with these workers and
+        raise ConfigError on a mismatch (pbx_check.py), before any worker starts.
+        """
+        check_at_start(self.settings, self.count, self.port_base, {**os.environ, **self.extra_env})
         self._stopping = False
         for slot in self.slots:
             slot.task = asyncio.get_running_loop().create_task(self._supervise(slot),
@@ -126,11 +155,16 @@ class SipSupervisor:
 
     def health(self) -> dict[str, Any]:
         workers = [s.snapshot() for s in self.slots]
+        mismatch = next((w["pbx_mismatch"] for w in workers if w["pbx_mismatch"]), None)
         return {
-            "ok": all(w["state"] == "up" for w in workers),
+            "ok": all(w["state"] == "up" for w in workers) and mismatch is None,
             "workers": workers,
             "calls": sum(w["calls"] for w in workers),
             "capacity": sum(w["max_calls"] for w in workers if w["state"] == "up"),
+            "calls_per_worker": max((w["max_calls"] for w in workers), default=0),
+            "rss_mb": round(sum(w["rss_mb"] or 0 for w in workers), 1),
+            "pss_mb": round(sum(w["pss_mb"] or 0 for w in workers), 1),
+            "pbx_mismatch": mismatch,
         }
 
     # ---- one worker --------------------------------------------------------------------------------
@@ -139,6 +173,7 @@ class SipSupervisor:
         env = dict(os.environ)
         env.update({
             "SPEECHPIPE_DATA_DIR": str(s.data_dir), "SPEECHPIPE_SIP_PORT_BASE": str(self.port_base),
+            "SPEECHPIPE_SIP_WORKERS": str(self.count),  # a worker checks the PBX's hunt against it
             "SPEECHPIPE_SIP_STATUS_FD": str(status_fd), "SPEECHPIPE_LOG_FORMAT": s.log_format,
         })
         if s.database_url:
@@ -233,6 +268,7 @@ class SipSupervisor:
             event = status.get("event")
             if event == "ready":
                 slot.state, slot.ready_at = "up", time.monotonic()
+                slot.version = status.get("version")
                 if all(s.state == "up" for s in self.slots):
                     self._all_up.set()
                 log.info("SIP worker %d ready on port %d (pjsua %s, %s calls)", slot.index, slot.port,

@@ -46,6 +46,7 @@ from speechpipe.storage.records import Pipe
 from .config import SipConfig
 from .endpoint import IncomingCall, MediaUp, SipEndpoint
 from .media import FrameBridge, LoopInbox
+from .pbx_check import HUNT_HEADER, hunt_mismatch
 from .relay_client import TelemetryForwarder
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class Worker:
         self.stats: dict[str, Any] = {"answered": 0, "rejected_no_pipe": 0, "ended": 0, "late_out": 0,
                                       "late_in": 0, "frames_out": 0, "recovered": 0}
         self.reg_state: dict[str, Any] | None = None
+        self.index = sip.port - settings.sip_port_base  # what the PBX's X-SpeechPipe-Hunt must name
+        self.pbx_mismatch: str | None = None
         self.telemetry = TelemetryForwarder.from_env()  # started by serve: its /metrics counts our sessions
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -220,6 +223,11 @@ class Worker:
         self._spawn(self._incoming(call))
 
     async def _incoming(self, call: IncomingCall) -> None:
+        problem = hunt_mismatch(call.hunt, self.index, self.settings.sip_workers)
+        if problem is not None and problem != self.pbx_mismatch:
+            log.error("PBX and Speech Pipe disagree on the media workers: %s (%s: %s)", problem,
+                      HUNT_HEADER, call.hunt)
+        self.pbx_mismatch = problem or self.pbx_mismatch  # sticks: /healthz says so until a restart
         if self.stopping:
             await self.endpoint.run(self.endpoint.hangup, call.key, 503, "Service Unavailable")
             return
@@ -388,6 +396,7 @@ class Worker:
                 "sip_calls": ep.active_calls if ep else 0, "max_calls": ep.max_calls if ep else 0,
                 "build_max_calls": ep.build_max_calls if ep else 0,
                 "rejected_busy": ep.rejected_busy if ep else 0, "registration": self.reg_state,
+                "pbx_mismatch": self.pbx_mismatch,
                 **self.stats}
 
     def _status(self, event: str, **extra: Any) -> None:

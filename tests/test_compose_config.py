@@ -218,7 +218,8 @@ def test_credentials_come_from_the_environment_only(compose: dict[str, Any], ren
 
 def test_the_renderer_refuses_a_missing_secret(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "SOFTPHONE_1001_PASSWORD": "x", "ASTERISK_EXTERNAL_ADDR": "1.2.3.4",
-           "ASTERISK_LOCAL_NET": "172.28.0.0/24", "SPEECHPIPE_SIP_HOST": "172.28.0.20"}
+           "ASTERISK_LOCAL_NET": "172.28.0.0/24", "SPEECHPIPE_SIP_HOST": "172.28.0.20",
+           "SPEECHPIPE_SIP_WORKERS": "2"}
     done = subprocess.run(["sh", str(AST / "entrypoint.sh"), "--render", str(AST), str(tmp_path)], env=env,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "SOFTPHONE_1002_PASSWORD" in done.stderr
@@ -235,6 +236,10 @@ def test_codecs_and_dtmf_match_what_the_workers_speak(rendered: Path) -> None:
         assert sec["disallow"] == "all" and allowed[0] == "g722", name  # wideband first
         assert [names[a] for a in allowed] and all(names[a] in ours for a in allowed), name
         assert sec["dtmf_mode"] == "rfc4733" and sec["direct_media"] == "no", name
+        if name.startswith("speechpipe-w"):
+            # the worker's leg gets the caller's codecs in our order: G.722 whenever the caller has it,
+            # PCMU without a pointless transcode when it does not (docs/telephony.md, "Codecs")
+            assert sec["outgoing_call_offer_pref"] == "local", name
 
 
 def test_dialplan_reaches_softphones_echo_and_every_pipe_extension(compose: dict[str, Any],
@@ -252,7 +257,13 @@ def test_dialplan_reaches_softphones_echo_and_every_pipe_extension(compose: dict
     hunt = [p for p in phones if pattern_matches(p, pipe_ext)]
     assert hunt and any("speechpipe-hunt" in s for s in phones[hunt[0]])
     steps = " ".join(plan["speechpipe-hunt"]["s"])
-    assert "${ENV(SPEECHPIPE_SIP_WORKERS)}" in steps and "Dial(PJSIP/${ARG1}@speechpipe-w${W}" in steps
+    # the hunt reads the worker count rendered into [globals], never Asterisk's own environment
+    assert "${GLOBAL(SPEECHPIPE_SIP_WORKERS)}" in steps and "ENV(" not in steps
+    assert "Dial(PJSIP/${ARG1}@speechpipe-w${W}" in steps and "X-SpeechPipe-Hunt" in " ".join(
+        plan["speechpipe-hunt-headers"]["s"])
+    glob = dict(resolved((rendered / "extensions.conf").read_text()))["globals"]
+    assert glob["SPEECHPIPE_SIP_WORKERS"] == str(compose["services"]["speechpipe"]["environment"]
+                                                 ["SPEECHPIPE_SIP_WORKERS"])
     # a transfer from a worker lands in a context that only reaches the softphones
     transfers = plan[endpoints["speechpipe-w0"]["context"]]
     assert transfers and all(pattern_matches(p, "1002") and not pattern_matches(p, "2000") for p in transfers)
