@@ -121,7 +121,11 @@ class _Call(pj.Call):
             info = self.getInfo()
             if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.gone:
                 self.gone = True
-                self.owner._detach_media(self)
+                # pjsua has already destroyed the call's stream (pjsua_media_channel_deinit runs before
+                # this callback, for a BYE from either side) and queued the removal of its bridge slot,
+                # which takes our port's connections with it: disconnecting them again here raced that
+                # removal and logged "pjsua_conf_disconnect(...) PJ_EINVAL" twice when it lost.
+                self.owner._detach_media(self, disconnect=False)
                 self.owner._emit("disconnected", self.key, int(info.lastStatusCode), str(info.lastReason))
                 self.owner._forget(self.key)
         except Exception:
@@ -247,6 +251,9 @@ class SipEndpoint:
         call = self._calls.get(key)
         if call is None or call.gone:
             return False
+        # Unhook our port while the stream's bridge slot still exists; pjsua destroys the stream inside
+        # call.hangup(), and the DISCONNECTED callback it fires then has nothing left to disconnect.
+        self._detach_media(call)
         prm = pj.CallOpParam(True)
         prm.statusCode = code or 603
         if reason:
@@ -436,13 +443,16 @@ class SipEndpoint:
                 self._emit("media_up", MediaUp(call.key, codec, rate))
             return
 
-    def _detach_media(self, call: _Call) -> None:
+    def _detach_media(self, call: _Call, disconnect: bool = True) -> None:
+        """Take our port off the call and back to the pool; with `disconnect`, first undo the two bridge
+        connections (only while the call's stream still has its slot: before pjsua destroys it)."""
         port, audio = call.port, call.audio
         call.port = call.audio = None
+        call.conf_slot = None
         if port is None:
             return
         port.bridge = None
-        if audio is not None:
+        if audio is not None and disconnect:
             with contextlib.suppress(pj.Error):
                 audio.stopTransmit(port)
             with contextlib.suppress(pj.Error):

@@ -114,6 +114,60 @@ def test_worker_ports_and_rtp_ranges_follow_settings() -> None:
     assert all(c.max_calls == 8 for c in cfgs)
 
 
+def test_hangup_unhooks_the_port_before_pjsua_destroys_the_stream() -> None:
+    """The PJ_EINVAL on hang-up: pjsua destroys a call's stream (and queues the removal of its bridge slot)
+    before it reports DISCONNECTED, so disconnecting our port from that slot in the callback raced the
+    removal. Now our own hang-up disconnects first, and the DISCONNECTED callback disconnects nothing."""
+    import pjsua2 as pj
+
+    from speechpipe.telephony import endpoint as ep_mod
+
+    order: list[str] = []
+
+    class Media:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def stopTransmit(self, sink: Any) -> None:
+            order.append(f"disconnect {self.name}->{sink.name}")
+
+    class Pool:
+        def release(self, port: Any) -> None:
+            order.append(f"release {port.name}")
+
+    class Info:
+        state = pj.PJSIP_INV_STATE_DISCONNECTED
+        lastStatusCode = 200
+        lastReason = "Normal call clearing"
+
+    class FakeCall:
+        def __init__(self, owner: Any, key: int) -> None:
+            self.owner, self.key, self.gone = owner, key, False
+            self.port, self.audio, self.conf_slot = Media("port"), Media("stream"), 3
+
+        def hangup(self, prm: Any) -> None:  # pjsua: destroy the stream, then report DISCONNECTED
+            order.append("pjsua hangup")
+            ep_mod._Call.onCallState(self, None)  # type: ignore[arg-type]
+
+        def getInfo(self) -> Info:
+            return Info()
+
+    emitted: list[tuple[Any, ...]] = []
+    ep = ep_mod.SipEndpoint.__new__(ep_mod.SipEndpoint)
+    ep.ports, ep._dead = Pool(), []  # type: ignore[assignment]
+    ep._emit = lambda *a: emitted.append(a)  # type: ignore[method-assign]
+    # our BYE: unhook first, then pjsua; the callback it fires finds nothing to disconnect
+    ep._calls = {1: FakeCall(ep, 1)}  # type: ignore[dict-item]
+    assert ep.hangup(1)
+    assert order == ["disconnect stream->port", "disconnect port->stream", "release port", "pjsua hangup"]
+    assert emitted == [("disconnected", 1, 200, "Normal call clearing")] and ep._dead == [1]
+    # the caller's BYE: pjsua already removed the stream's slot; we only take the port back
+    order.clear()
+    call = FakeCall(ep, 2)
+    ep_mod._Call.onCallState(call, None)  # type: ignore[arg-type]
+    assert order == ["release port"] and call.port is None and call.gone
+
+
 def test_frames_cross_the_bridge_with_one_copy_and_no_swig_call() -> None:
     """The direct MediaFrame path is active here and moves exact bytes both ways, ~50x cheaper than SWIG."""
     import pjsua2 as pj
