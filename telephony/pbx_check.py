@@ -74,7 +74,10 @@ def problems(conf: Path, workers: int, port_base: int) -> list[str]:
     out: list[str] = []
     if sorted(found) != list(range(len(found))):
         out.append(f"{conf}: speechpipe-wN endpoints are not numbered 0..N-1: {sorted(found)}")
-    if len(found) != workers:
+    if workers == 0:
+        out.append(f"{conf}: Asterisk has {len(found)} speechpipe-wN endpoint(s), but this environment runs "
+                   "no SIP workers (SPEECHPIPE_SIP_WORKERS unset or 0): load the same settings as serve")
+    elif len(found) != workers:
         out.append(f"{conf}: Asterisk has {len(found)} speechpipe-wN endpoint(s), Speech Pipe runs "
                    f"{workers} worker(s) (SPEECHPIPE_SIP_WORKERS): render it again with "
                    f"SPEECHPIPE_SIP_WORKERS={workers} asterisk/entrypoint.sh --render ...")

@@ -227,7 +227,8 @@ class Worker:
         if problem is not None and problem != self.pbx_mismatch:
             log.error("PBX and Speech Pipe disagree on the media workers: %s (%s: %s)", problem,
                       HUNT_HEADER, call.hunt)
-        self.pbx_mismatch = problem or self.pbx_mismatch  # sticks: /healthz says so until a restart
+        if call.hunt is not None:  # /healthz says so until a call from the PBX agrees again
+            self.pbx_mismatch = problem
         if self.stopping:
             await self.endpoint.run(self.endpoint.hangup, call.key, 503, "Service Unavailable")
             return
