@@ -153,7 +153,7 @@ _INVITE = """  <send retrans="500">
       CSeq: 1 INVITE
       Contact: <sip:{caller}@[local_ip]:[local_port]>
       Max-Forwards: 70
-      Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, REFER, NOTIFY
+{headers}      Allow: INVITE, ACK, BYE, CANCEL, OPTIONS, REFER, NOTIFY
       Content-Type: application/sdp
       Content-Length: [len]
 
@@ -276,19 +276,22 @@ _PLAY = """  <nop>
 
 def scenario(path: Path | str, kind: str, *, pcap: Path | str | None = None, hold_ms: int = 8000,
              timeout_ms: int = 30000, formats: str = "0 101", caller: str = "5551234",
-             display: str = "SIPp Caller", reject_code: int = 488) -> Path:
+             display: str = "SIPp Caller", reject_code: int = 488,
+             headers: dict[str, str] | None = None) -> Path:
     """Write a SIPp UAC scenario.
 
     kinds: `call` (play `pcap`, hang up after `hold_ms`), `wait_bye` (play, then wait for the worker's BYE),
     `refer` (play, accept the worker's REFER with 202 + NOTIFY 200, then take its BYE), `reject`
     (expect `reject_code` for the INVITE, e.g. 488 for no common codec, and ACK it), `busy_or_call`
-    (486 is fine, else hold the call `hold_ms` and hang up).
+    (486 is fine, else hold the call `hold_ms` and hang up). `headers` are added to the INVITE.
     """
     rtpmaps = "".join(f"      a=rtpmap:{pt} {name}\n" for pt, name in _rtpmaps(formats))
     if "101" in formats.split():
         rtpmaps += "      a=fmtp:101 0-15\n"
     fill = {"caller": caller, "display": display, "timeout": timeout_ms}
-    parts = [_HEAD.format(name=kind), _INVITE.format(formats=formats, rtpmaps=rtpmaps, **fill)]
+    extra = "".join(f"      {name}: {value}\n" for name, value in (headers or {}).items())
+    invite = _INVITE.format(formats=formats, rtpmaps=rtpmaps, headers=extra, **fill)
+    parts = [_HEAD.format(name=kind), invite]
     play = _PLAY.format(pcap=pcap) if pcap else ""
     if kind == "reject":
         parts += [f'  <recv response="{reject_code}" timeout="10000"/>\n', _ACK_ERR.format(**fill)]

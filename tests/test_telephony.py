@@ -383,6 +383,29 @@ async def test_a_call_no_agent_takes_ends_with_the_dispatch_reason(phone_lab: Ph
     assert [t.text for t in agent] == [PipeConfig(agent_id="x").no_agent_message]
 
 
+async def test_a_pbx_hunting_over_other_workers_turns_health_to_error(phone_lab: PhoneLab,
+                                                                     assets: dict[str, Path]) -> None:
+    """Our dialplan names `<index>/<workers>` in X-SpeechPipe-Hunt; a worker that runs a different count
+    still takes the call, but logs the mismatch and /healthz says error until the PBX agrees again."""
+    lab = phone_lab
+    await lab.idle()
+    health = lab.supervisor.health
+
+    async def call(hunt: str, caller: str) -> None:
+        scn = _scn(lab, f"hunt-{caller}", "call", pcap=assets["question_long"], caller=caller, hold_ms=1500,
+                   headers={"X-SpeechPipe-Hunt": hunt})
+        run = await sipp(lab.ns, scn, f"127.0.0.1:{lab.port}", service="2000")
+        assert run.returncode == 0, run.explain()
+
+    await call("1/3", "5550120")  # the PBX was rendered for 3 workers; this lab runs 1
+    await wait_for(lambda: health()["pbx_mismatch"], 10, "the mismatch in /healthz", lab.worker_log)
+    assert "hunts over 3 worker(s) but Speech Pipe runs 1" in health()["pbx_mismatch"]
+    assert not health()["ok"] and "PBX and Speech Pipe disagree" in lab.worker_log(200)
+    await call("0/1", "5550121")  # re-rendered: the next call agrees, and the health recovers
+    await wait_for(lambda: health()["pbx_mismatch"] is None and health()["ok"], 10, "health ok again",
+                   lab.worker_log)
+
+
 @pytest.mark.slow
 async def test_bad_input_gets_the_right_answer_and_the_worker_stays_up(phone_lab: PhoneLab,
                                                                        assets: dict[str, Path]) -> None:
