@@ -8,7 +8,9 @@
 # fixed in 2.16. When the build has internet, the first stage builds pjproject ${PJPROJECT_VERSION} (2.16+)
 # with a raised PJSUA_MAX_CALLS and our codec preference, and the image uses that binding; without
 # internet the stage leaves no wheel behind and the image falls back to the PyPI wheel. The worker reads
-# the limit it got at run time (it logs "max N calls, build limit M" and reports it in /healthz).
+# the limit it got at run time (it logs "max N calls, build limit M" and reports it in /healthz). Each
+# worker holds its own models: ~0.3-0.4 GB per worker whichever build (docs/telephony.md, "Capacity"), so
+# the 64-call build needs far fewer workers, and far less memory, for the same calls.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
