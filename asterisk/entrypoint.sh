@@ -120,8 +120,12 @@ echo "speechpipe-asterisk: rendered $TEMPLATES into $DST for $SPEECHPIPE_SIP_WOR
 
 [ "$RUN" = 1 ] || exit 0
 ASTERISK_BIN=${ASTERISK_BIN:-asterisk}
+set --  # Asterisk's own arguments: -C only for a folder other than its built-in one that has asterisk.conf
+if [ -n "${ASTERISK_ETC:-}" ] && [ -f "$DST/asterisk.conf" ]; then
+    set -- -C "$DST/asterisk.conf"
+fi
 if id asterisk >/dev/null 2>&1; then
     chown -R asterisk: "$DST" /var/lib/asterisk /var/log/asterisk /var/spool/asterisk /var/run/asterisk 2>/dev/null || true
-    exec "$ASTERISK_BIN" ${ASTERISK_ETC:+-C "$DST/asterisk.conf"} -f -vvv -U asterisk -G asterisk
+    exec "$ASTERISK_BIN" "$@" -f -vvv -U asterisk -G asterisk
 fi
-exec "$ASTERISK_BIN" ${ASTERISK_ETC:+-C "$DST/asterisk.conf"} -f -vvv
+exec "$ASTERISK_BIN" "$@" -f -vvv
