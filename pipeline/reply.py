@@ -23,6 +23,7 @@ class UserTurn:
     end_wall: float
     typed: bool = False
     answer: ReplyHandle | None = None  # the reply to this turn (kept after it finished, for the join)
+    endpoint_ms: int | None = None  # the silence that ended it (the turn detector's verdict)
 
 
 @dataclass

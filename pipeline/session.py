@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,23 @@ from .agent import AgentGone, AgentLink
 from .audio import FrameChunker, Resampler
 from .barge_in import Action, BargeIn, fillers_only
 from .config import PipeConfig
+from .decode_pool import DecodePool
 from .recorder import StereoRecorder
 from .reply import Replies, ReplyHandle, UserTurn
 from .speaker import Reply, Speaker
 from .stt.base import STTEngine, Transcript
 from .stt_lane import STTLane
 from .tts import EspeakTTS, TTSEngine
-from .turns import Signal, State, TurnDetector, looks_unfinished
+from .turns import (
+    Endpointer,
+    Signal,
+    State,
+    TurnCues,
+    endpoint_for,
+    looks_unfinished,
+    make_turn_detector,
+    prosody,
+)
 from .vad import make_vad, vad_rate
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,9 @@ log = logging.getLogger(__name__)
 PROCESS_RATE = 16000  # VAD, STT and the recording run at this rate
 FRAME = PROCESS_RATE // 50
 PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
+# A pause is decoded after this much VAD silence when the turn detector reads the words: with Silero's
+# hang-over that is ~150 ms after the voice stopped, and a ~150 ms decode is in before min_silence_ms.
+SPECULATE_MS = 40
 
 
 class Engines:
@@ -60,8 +72,8 @@ class Engines:
 
     def __init__(self, stt_threads: int | None = None) -> None:
         self.tts: TTSEngine = EspeakTTS()
-        self.executor = ThreadPoolExecutor(max_workers=stt_threads or os.cpu_count() or 2,
-                                           thread_name_prefix="stt")
+        # Bounded to the cores: more decodes at once only slice the same CPU thinner.
+        self.executor = DecodePool(max_workers=stt_threads or os.cpu_count() or 2, thread_name_prefix="stt")
 
     def stt(self, config: PipeConfig) -> STTEngine:
         from .models import get_stt_engine
@@ -184,7 +196,8 @@ class PipelineSession:
         self._partials_on = cfg.stt.partials if self.stt_engine.streaming else partial_interval is not None
         self.stt = STTLane(self.engines.executor, self.stt_engine.new_stream(cfg.stt.language),
                            streaming=self.stt_engine.streaming, on_partial=self._on_partial,
-                           partial_interval_s=partial_interval, on_shed=self._partial_shed)
+                           partial_interval_s=partial_interval, on_shed=self._partial_shed,
+                           on_queue_wait=self._stt_queue_wait)
         self.start_stage = "vad"
         self.vad = make_vad(cfg.vad, vad_rate(self.input_rate))
         # A narrowband leg's VAD judges the native frames. Their votes wait here for the 16 kHz frame that
@@ -194,7 +207,14 @@ class PipelineSession:
         self._vad_votes: collections.deque[bool] = collections.deque()
         self._votes_seen = self._votes_used = self._native_run = 0
         self._early_pause: int | None = None  # the vote that paused the agent ahead of the detector
-        self.detector = TurnDetector(cfg.endpointing)
+        self.turn_detector = make_turn_detector(cfg.endpointing)
+        # A detector that reads the words holds each pause open until the pause's decode is judged.
+        reads_words = self.turn_detector.needs_text
+        self.detector = Endpointer(cfg.endpointing, speculate_ms=SPECULATE_MS if reads_words else 200,
+                                   undecided_ms=cfg.endpointing.silence_range_ms[2] if reads_words else None)
+        self._pause_no = 0  # pauses and resumptions so far: a verdict for an earlier pause is stale
+        self._verdict: tuple[float, int] | None = None  # (end probability, endpoint ms) of this pause
+        self._voiced_tail: collections.deque[np.ndarray] = collections.deque(maxlen=25)  # last 0.5 s voiced
         self.start_stage = "tts"
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
         self.speaker.on_metric = lambda values: self._emit(ev.Metric("tts", values))
@@ -340,12 +360,16 @@ class PipelineSession:
         signals = self.detector.process(voiced)
         if voiced and self.detector.in_utterance:
             self._last_voiced_wall = wall
+            self._voiced_tail.append(frame)
 
         if not self.detector.in_utterance and not signals:
             self._preroll.append(frame)
             return
         for signal in signals:
             if signal is Signal.SPEECH_START:
+                self._new_pause_state()
+                self._voiced_tail.clear()
+                self._voiced_tail.append(frame)
                 self.stt.new_utterance()
                 self._onset_wall = wall - (self.detector.onset_frames - 1) * 0.02
                 self._last_voiced_wall = wall
@@ -356,6 +380,7 @@ class PipelineSession:
                 self._emit(ev.UserSpeechStarted(self.detector.start_ms()))
                 self._barge_onset()
             elif signal is Signal.RESUME:
+                self._new_pause_state()
                 self.stt.release_held()
                 if not self.barge.active:
                     self._onset_wall = wall
@@ -365,7 +390,10 @@ class PipelineSession:
                 # result is the turn's text and the endpoint costs no decode at all. A barge-in candidate
                 # stays paused through the pause: "Stop, I want..." must not make the agent stutter.
                 self.stt.release_held()
-                self.stt.final()
+                speculation = self.stt.speculate()
+                if self.turn_detector.needs_text:
+                    pause = self._pause_no
+                    speculation.add_done_callback(lambda f, pause=pause: self._judge_pause(f, pause))
             elif signal in (Signal.END, Signal.MAX_LENGTH):
                 await self._end_of_utterance(forced=signal is Signal.MAX_LENGTH)
             elif signal is Signal.DISCARD:
@@ -379,7 +407,41 @@ class PipelineSession:
                 self.stt.feed(frame)
             elif self.detector.state.value == "paused":
                 self.stt.hold(frame)
+                if (self._verdict is None and self.turn_detector.needs_text
+                        and self.detector.silence_ms >= self.config.endpointing.silence_range_ms[0]):
+                    self.stt.promote_speculation()  # a finished turn would end now: its text is what waits
             self._barge_check()
+
+    # ---- turn detection --------------------------------------------------------------------------------
+    def _new_pause_state(self) -> None:
+        self._pause_no += 1
+        self._verdict = None
+
+    def _judge_pause(self, fut: asyncio.Future[Any], pause: int) -> None:
+        """The pause's speculative text is in: the turn detector says how long this silence must last.
+        The endpointer applies it on the next frame, so the verdict is the same on a slow machine; only
+        when it comes changes."""
+        if pause != self._pause_no or self.detector.state is not State.PAUSED or self.ended.is_set():
+            return
+        if fut.cancelled() or fut.exception() is not None or fut.result() is None:
+            return  # stale or failed: the pause runs to the longest silence (and the endpoint decodes)
+        text = fut.result().text.strip()
+        slope, decay = prosody(np.concatenate(self._voiced_tail)) if self._voiced_tail else (None, None)
+        cues = TurnCues(text, self.detector.speech_ms / 1000, slope, decay)
+        p = self.turn_detector.end_probability(cues)
+        endpoint_ms = endpoint_for(p, self.config.endpointing)
+        self._verdict = (p, endpoint_ms)
+        self.detector.endpoint_ms = endpoint_ms
+        log.debug("session %s: pause at %d ms judged %.2f finished (%r, pitch %s st/s, decay %s dB): "
+                  "the turn ends after %d ms of silence", self.session_id, self.detector.end_ms(), p,
+                  ev.REDACTED if self._utterance_redacted() else text,
+                  None if slope is None else round(slope, 1), None if decay is None else round(decay, 1),
+                  endpoint_ms)
+
+    def _stt_queue_wait(self, kind: str, wait_s: float) -> None:
+        """A decode waited `wait_s` in the process's decode pool before it ran."""
+        self.metrics[f"stt_{kind}_wait_ms"].append(wait_s * 1000)
+        self._emit(ev.Metric("stt_queue", {f"{kind}_wait_ms": wait_s * 1000}))
 
     def _check_silence(self) -> None:
         """Tell the agent when nobody has spoken for `silence_timeout_s` (then start counting again)."""
@@ -464,6 +526,7 @@ class PipelineSession:
     # ---- user turns ------------------------------------------------------------------------------------
     async def _end_of_utterance(self, forced: bool) -> None:
         start_ms, end_ms = self.detector.start_ms(), self.detector.end_ms()
+        endpoint_ms = self.detector.endpoint_ms
         end_wall = self._last_voiced_wall
         if forced:
             self.stt.release_held()
@@ -483,7 +546,7 @@ class PipelineSession:
         self.metrics["final_ms"].append(final_ms)
         self._emit(ev.Metric("stt", {"final_ms": final_ms, "compute_ms": transcript.compute_s * 1000,
                                      "audio_s": transcript.audio_s}))
-        await self._judge_utterance(text, start_ms, end_ms, end_wall)
+        await self._judge_utterance(text, start_ms, end_ms, end_wall, endpoint_ms=endpoint_ms)
 
     async def _short_utterance(self, fut: asyncio.Future[Transcript], start_ms: int, end_ms: int) -> None:
         try:
@@ -497,7 +560,7 @@ class PipelineSession:
         await self._judge_utterance(text, start_ms, end_ms, self._last_voiced_wall, short=True)
 
     async def _judge_utterance(self, text: str, start_ms: int, end_ms: int, end_wall: float, *,
-                               short: bool = False) -> None:
+                               short: bool = False, endpoint_ms: int | None = None) -> None:
         """Every finished utterance ends here, and none vanishes: it becomes a user turn, or a stored,
         marked non-turn (a backchannel over the agent; noise), with an event, a metric and a log line."""
         verdict = self.barge.utterance_end(text)  # NONE: the agent was not talking (or not interruptible)
@@ -518,7 +581,7 @@ class PipelineSession:
             # A blip shorter than min_speech_ms that says only "hm" is not a turn; a short "No." is.
             self._non_turn("noise", text, start_ms, end_ms)
             return
-        await self._user_turn(text, start_ms, end_ms, end_wall=end_wall)
+        await self._user_turn(text, start_ms, end_ms, end_wall=end_wall, endpoint_ms=endpoint_ms)
 
     def _non_turn(self, kind: str, text: str, start_ms: int, end_ms: int) -> None:
         self.counts["non_turns"] += 1
@@ -532,7 +595,7 @@ class PipelineSession:
                  end_ms, kind, shown)
 
     async def _user_turn(self, text: str, start_ms: int, end_ms: int, *, typed: bool = False,
-                         end_wall: float | None = None) -> None:
+                         end_wall: float | None = None, endpoint_ms: int | None = None) -> None:
         if self.ended.is_set():
             return
         # Said (or typed) while the recording was paused: the agent gets the words; the row, the client's
@@ -547,7 +610,8 @@ class PipelineSession:
         self.counts["user_turns"] += 1
         if redacted:
             self._redacted_seqs.add(seq)
-        turn = UserTurn(seq, text, end_wall if end_wall is not None else time.monotonic(), typed)
+        turn = UserTurn(seq, text, end_wall if end_wall is not None else time.monotonic(), typed,
+                        endpoint_ms=endpoint_ms)
         self._replies.answer(turn)
         self._last_user = turn
         self._emit(ev.UserTurn(seq, shown, start_ms, end_ms, typed, redacted))
@@ -835,8 +899,9 @@ class PipelineSession:
                 if turn is not None:
                     latency = (p.wall - turn.end_wall) * 1000
                     self.metrics["response_ms"].append(latency)
-                    values = {"response_latency_ms": latency,
-                              "endpoint_silence_ms": float(self.config.endpointing.silence_ms)}
+                    endpoint = turn.endpoint_ms if turn.endpoint_ms is not None else \
+                        self.config.endpointing.silence_ms
+                    values = {"response_latency_ms": latency, "endpoint_silence_ms": float(endpoint)}
                     self._emit(ev.Metric("turn", values))
                     self._spawn(self._to_agent({"type": msg.METRIC, "turn_id": reply.turn_id, **values}))
             if self.recorder:

@@ -10,6 +10,11 @@ optional work, shed first: one is tried about every `partial_interval_s` of new 
 the process's STT has nothing better to do (`DecodeGate`: no final decode queued or running in any lane
 on the executor, no other partial decoding). It runs outside the lane's order, on the gate's own thread,
 so a final never queues behind it; a shed partial is counted (`partials_shed`, `on_shed`).
+
+On a `DecodePool` executor the lane's calls carry priorities: bookkeeping (accept, reset) first, then the
+decode that ends a turn (`final`), then a decode at a pause (`speculate`), which is skipped when speech
+resumed before it started (stale) and promoted once the turn waits for its text (`promote_speculation`).
+Each decode's wait in the pool's queue goes to `on_queue_wait(kind, seconds)`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .decode_pool import CONTROL, FINAL, SPECULATIVE, DecodePool, Job
 from .stt.base import STTStream, Transcript
 
 STT_BATCH_FRAMES = 5  # hand the STT 100 ms at a time: fewer executor hops
@@ -84,9 +90,13 @@ class SerialLane:
         self._loop = asyncio.get_running_loop()
         self._tail: asyncio.Future[Any] | None = None
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, priority: int = CONTROL,
+            on_job: Callable[[Job], None] | None = None,
+            on_start: Callable[[float], None] | None = None) -> asyncio.Future[Any]:
         """Queue `fn(*args)` after every call queued before it; its future holds its result or error.
-        A failed call does not stop the ones after it."""
+        A failed call does not stop the ones after it. On a `DecodePool` it enters the pool's queue at
+        `priority` (once its turn in the lane comes), `on_job(job)` gets the pool's job, `on_start(wait_s)`
+        its wait in that queue (on a pool thread)."""
         prev = self._tail
         loop, executor = self._loop, self._executor
 
@@ -95,7 +105,13 @@ class SerialLane:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(prev)
             # Executor threads do not inherit the context: carry it, so STT lines keep the session's ids.
-            return await loop.run_in_executor(executor, contextvars.copy_context().run, fn, *args)
+            call = contextvars.copy_context().run
+            if isinstance(executor, DecodePool):
+                job = executor.submit_job(call, fn, *args, priority=priority, on_start=on_start)
+                if on_job is not None:
+                    on_job(job)
+                return await asyncio.wrap_future(job.future)
+            return await loop.run_in_executor(executor, call, fn, *args)
 
         fut = asyncio.ensure_future(run())
         self._tail = fut
@@ -110,7 +126,8 @@ class STTLane(SerialLane):
 
     def __init__(self, executor: Executor, stream: STTStream, *, streaming: bool,
                  on_partial: Callable[[str], None], partial_interval_s: float | None = None,
-                 on_shed: Callable[[], None] | None = None) -> None:
+                 on_shed: Callable[[], None] | None = None,
+                 on_queue_wait: Callable[[str, float], None] | None = None) -> None:
         super().__init__(executor)
         self.stream = stream
         self.streaming = streaming
@@ -131,6 +148,11 @@ class STTLane(SerialLane):
         self.gate = decode_gate(executor)
         self.partials_tried = 0
         self.partials_shed = 0
+        self._on_queue_wait = on_queue_wait
+        self._resumed = 0  # times speech resumed (or the stream reset): a speculation asked before is stale
+        self._speculation: Job | None = None  # the pool's job of the latest speculation, once queued
+        self._promote_next = False  # promote the latest speculation as soon as it reaches the pool
+        self.speculations_stale = 0
 
     def new_utterance(self) -> None:
         self.utterances += 1
@@ -146,6 +168,7 @@ class STTLane(SerialLane):
         self._held.append(frame)
 
     def release_held(self) -> None:
+        self._resumed += 1
         for f in self._held:
             self.feed(f)
         self._held.clear()
@@ -214,11 +237,49 @@ class STTLane(SerialLane):
             self._on_partial_text(text)
 
     def final(self) -> asyncio.Future[Transcript]:
+        """The utterance's text: the decode that ends a turn (answered from the stream's cache when a
+        speculation already decoded the same audio)."""
+        return self._decode(self.stream.final, FINAL, "final")
+
+    def speculate(self) -> asyncio.Future[Transcript | None]:
+        """A decode of the audio so far at a pause, before the turn is known to be over: skipped (None)
+        when speech resumed before it started."""
+        self._promote_next = False
+        self._speculation = None
+        asked = self._resumed
+
+        def decode() -> Transcript | None:
+            if asked != self._resumed:
+                self.speculations_stale += 1
+                return None
+            return self.stream.final()
+
+        def queued(job: Job) -> None:
+            self._speculation = job
+            if self._promote_next:
+                self.promote_speculation()
+
+        return self._decode(decode, SPECULATIVE, "speculative", on_job=queued)
+
+    def promote_speculation(self) -> None:
+        """The turn now waits for the latest speculation's text: let it run ahead of other speculations."""
+        job = self._speculation
+        if job is None:
+            self._promote_next = True
+        elif isinstance(self._executor, DecodePool):
+            self._executor.promote(job, FINAL)
+
+    def _decode(self, fn: Callable[[], Any], priority: int, kind: str,
+                on_job: Callable[[Job], None] | None = None) -> asyncio.Future[Any]:
         self.flush()
         self._finals += 1
         self._finals_asked += 1
         self.gate.final_queued()
-        fut = self.run(self.stream.final)
+        report = self._on_queue_wait
+        loop = self._loop
+        on_start = None if report is None else (
+            lambda wait_s: loop.call_soon_threadsafe(report, kind, wait_s))
+        fut = self.run(fn, priority=priority, on_job=on_job, on_start=on_start)
         fut.add_done_callback(self._final_done)
         return fut
 
@@ -235,6 +296,7 @@ class STTLane(SerialLane):
         return self.stream.partial() or self.last_partial
 
     def reset(self) -> None:
+        self._resumed += 1
         self._batch.clear()
         self._held.clear()
         self.last_partial = ""

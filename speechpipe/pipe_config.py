@@ -51,12 +51,29 @@ class STTConfig(_Strict):
 
 
 class EndpointingConfig(_Strict):
-    # Silence after speech that ends the user's turn.
+    # How the end of a turn is judged. "heuristic": a pause is decoded at once and the words so far, their
+    # punctuation, the voice's final pitch and energy, and the speaking rate say how finished the turn
+    # sounds; a finished one ends after `min_silence_ms`, an unfinished one ("I'd like to order the", a
+    # number being dictated) waits up to `max_silence_ms`, an undecided one `silence_ms`.
+    # "silence": every turn ends after `silence_ms` of silence, whatever was said.
+    turn_detector: Literal["heuristic", "silence"] = "heuristic"
+    # Silence after speech that ends the user's turn ("silence"), or an undecided one ("heuristic").
     silence_ms: int = Field(500, ge=100, le=5000)
+    # The shortest silence that ends a finished-sounding turn, and the longest an unfinished one waits
+    # (`silence_ms` outside this range widens it).
+    min_silence_ms: int = Field(200, ge=100, le=5000)
+    max_silence_ms: int = Field(1500, ge=100, le=10000)
     # Speech shorter than this is not a turn (clicks, breaths).
     min_speech_ms: int = Field(200, ge=20, le=5000)
     # A turn that runs this long is cut and sent as is.
     max_turn_s: float = Field(30.0, ge=1.0, le=300.0)
+
+    @property
+    def silence_range_ms(self) -> tuple[int, int, int]:
+        """(finished, undecided, unfinished) silences; `silence_ms` widens the range rather than
+        contradicting it, so a pipe that only sets silence_ms (say 2000) keeps its meaning."""
+        return (min(self.min_silence_ms, self.silence_ms), self.silence_ms,
+                max(self.max_silence_ms, self.silence_ms))
 
 
 class BargeInConfig(_Strict):

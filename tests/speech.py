@@ -57,9 +57,12 @@ def resample(pcm16: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return np.clip(np.round(out), -32768, 32767).astype(np.int16)
 
 
-def synth(text: str, *, rate: int = 16000, voice: str = "en-us", wpm: int = 175) -> np.ndarray:
-    """Speak `text` with espeak-ng and return int16 mono samples at `rate` (cached on disk)."""
-    key = hashlib.sha256(repr((text, rate, voice, wpm, _espeak_version())).encode()).hexdigest()[:24]
+def synth(text: str, *, rate: int = 16000, voice: str = "en-us", wpm: int = 175,
+          ssml: bool = False) -> np.ndarray:
+    """Speak `text` with espeak-ng and return int16 mono samples at `rate` (cached on disk). `ssml`: the
+    text is SSML (`<speak>… <break time="700ms"/> …</speak>`: a pause inside one sentence's intonation)."""
+    key_parts = (text, rate, voice, wpm, _espeak_version(), *(("ssml",) if ssml else ()))
+    key = hashlib.sha256(repr(key_parts).encode()).hexdigest()[:24]
     path = _cache_dir() / f"{key}.npy"
     if path.exists():
         try:
@@ -67,7 +70,7 @@ def synth(text: str, *, rate: int = 16000, voice: str = "en-us", wpm: int = 175)
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # a torn write from a killed run: synthesise again
     # Text on stdin, so a sentence starting with "-" is never read as an option.
-    argv = [ESPEAK, "-v", voice, "-s", str(wpm), "--stdout"]
+    argv = [ESPEAK, "-v", voice, "-s", str(wpm), "--stdout", *(["-m"] if ssml else [])]
     proc = subprocess.run(argv, input=text.encode(), capture_output=True, check=True)
     pcm, native_rate = _decode_wav_bytes(proc.stdout)
     pcm = resample(pcm, native_rate, rate)

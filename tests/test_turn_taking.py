@@ -1,0 +1,129 @@
+"""Turn detection on real speech through a real session: a finished sentence ends at the shortest silence,
+a sentence paused mid-thought stays one turn, on the web (16 kHz) and phone (8 kHz μ-law) legs.
+
+The audio goes in lock-step with the STT: each 20 ms frame is pushed only once the session has taken the
+one before and every STT call it made has finished. Decisions then depend on the session clock alone
+(a verdict lands on the frame after its pause's decode, as on an idle machine), never on how fast this
+machine decodes, so nothing here has a timing threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from speechpipe.pipeline import events as ev
+from speechpipe.pipeline.agent import CallbackAgent
+from speechpipe.pipeline.config import PipeConfig
+from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
+from tests.speech import g711_roundtrip, resample, silence, synth, wer
+
+FINISHED = "What time does the pharmacy open tomorrow?"
+# Spoken whole with 700 ms of silence after "with": the pause a caller makes looking for a word.
+PAUSED_HEAD, PAUSED_TAIL = "I'd like to order a large pizza with", "olives and mushrooms."
+
+
+async def lockstep(session: PipelineSession, pcm: np.ndarray) -> None:
+    n = session.input_rate // 50
+    for i in range(0, len(pcm) - n + 1, n):
+        session.push_audio(pcm[i:i + n])
+        session.pull_frame()
+        while session._input.qsize() and not session.ended.is_set():  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.001)  # the input loop finishes the frame it took
+        if session.stt._tail is not None:
+            await asyncio.shield(session.stt._tail)
+        await asyncio.sleep(0)  # the decode's done-callbacks (the verdict) run before the next frame
+
+
+def paused_sentence(rate: int) -> np.ndarray:
+    """The sentence spoken whole, with a 700 ms break after "with" (espeak-ng SSML: the break sits inside
+    the sentence's intonation, as a caller's pause for a word does)."""
+    return on_leg(synth(f'<speak>{PAUSED_HEAD} <break time="700ms"/> {PAUSED_TAIL}</speak>', ssml=True), rate)
+
+
+def on_leg(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """16 kHz speech as the leg carries it: as is on the web, 8 kHz μ-law on the phone."""
+    return pcm if rate == 16000 else g711_roundtrip(resample(pcm, 16000, 8000))
+
+
+def speech(text: str, rate: int) -> np.ndarray:
+    return on_leg(synth(text), rate)
+
+
+async def session_for(engines: Engines, rate: int, **endpointing) -> tuple[PipelineSession, list[ev.Event]]:
+    """A session whose UserTurn events carry `at_ms`: the session clock when the turn ended."""
+    config = PipeConfig(agent_id="turns", endpointing=endpointing, stt={"partials": False})
+    session = PipelineSession(SessionInfo("pipe_turns", "turns", "web" if rate == 16000 else "inbound_phone"),
+                              config, engines, input_rate=rate, output_rate=rate)
+    events: list[ev.Event] = []
+
+    def keep(event: ev.Event) -> None:
+        if isinstance(event, ev.UserTurn):
+            event.at_ms = session._clock * 1000 // 16000  # type: ignore[attr-defined]
+        events.append(event)
+
+    session.subscribe(keep)
+    await session.start()
+    await session.attach_agent(CallbackAgent(lambda text: None))
+    return session, events
+
+
+def turns(events: list[ev.Event]) -> list[ev.UserTurn]:
+    return [e for e in events if isinstance(e, ev.UserTurn)]
+
+
+@pytest.mark.parametrize("rate", [16000, 8000], ids=["web", "phone"])
+async def test_a_finished_sentence_ends_at_the_shortest_silence(engines: Engines, rate: int) -> None:
+    session, events = await session_for(engines, rate)
+    try:
+        await lockstep(session, np.concatenate([silence(300, rate), speech(FINISHED, rate)]))
+        await lockstep(session, silence(240, rate))  # 240 ms: past the finished endpoint, far from 500 ms
+        got = turns(events)
+        assert len(got) == 1 and wer(FINISHED, got[0].text) <= 0.2, got
+        # Ended at the shortest silence by the session clock (VAD silence: the voice's tail and the VAD's
+        # hang-over come first), well before silence endpointing's 500 ms.
+        assert got[0].at_ms - got[0].end_ms <= 200 + 20, got[0]
+    finally:
+        await session.end("test_over")
+
+
+@pytest.mark.parametrize("rate", [16000, 8000], ids=["web", "phone"])
+async def test_a_sentence_paused_mid_thought_stays_one_turn(engines: Engines, rate: int) -> None:
+    session, events = await session_for(engines, rate)
+    try:
+        await lockstep(session, np.concatenate([silence(300, rate), paused_sentence(rate)]))
+        await lockstep(session, silence(1600, rate))  # the longest silence: whatever was judged, it ends
+        got = turns(events)
+        assert len(got) == 1, [t.text for t in got]
+        assert wer(f"{PAUSED_HEAD} {PAUSED_TAIL}", got[0].text) <= 0.25, got[0].text
+        # The pause was heard and judged unfinished: a finished verdict would have ended the turn in it.
+        assert not any(isinstance(e, ev.UserNonTurn) for e in events)
+    finally:
+        await session.end("test_over")
+
+
+async def test_silence_endpointing_cuts_the_same_pause(engines: Engines) -> None:
+    """The control: with `turn_detector: silence` the 700 ms pause is longer than the 500 ms endpoint, so
+    the same audio becomes two turns. (Without this the test above could pass for another reason.)"""
+    session, events = await session_for(engines, 16000, turn_detector="silence")
+    try:
+        await lockstep(session, np.concatenate([silence(300), paused_sentence(16000)]))
+        await lockstep(session, silence(800))
+        assert len(turns(events)) == 2, [t.text for t in turns(events)]
+    finally:
+        await session.end("test_over")
+
+
+async def test_a_finished_sentence_waits_the_full_silence_without_the_detector(engines: Engines) -> None:
+    session, events = await session_for(engines, 16000, turn_detector="silence")
+    try:
+        await lockstep(session, np.concatenate([silence(300), speech(FINISHED, 16000)]))
+        await lockstep(session, silence(240))
+        assert turns(events) == []  # 240 ms is not 500
+        await lockstep(session, silence(400))
+        assert len(turns(events)) == 1
+    finally:
+        await session.end("test_over")
