@@ -83,8 +83,13 @@ def prompt(name: str) -> Utterance:
 
 
 @functools.cache
-def devset(size: int = SET_SIZE) -> tuple[Utterance, ...]:
-    """`size` eligible prompts, evenly spaced in name order (deterministic)."""
+def single_sentences() -> tuple[Utterance, ...]:
+    """Every eligible prompt that is one sentence (no inner punctuation), in name order: for turn-taking,
+    where a pause between two sentences rightly ends a turn."""
+    return tuple(u for u in _eligible_prompts() if not re.search(r"[.?!,;:]\s", u.text))
+
+
+def _eligible_prompts() -> list[Utterance]:
     reason = missing()
     if reason:
         raise RuntimeError(reason)
@@ -94,6 +99,13 @@ def devset(size: int = SET_SIZE) -> tuple[Utterance, ...]:
         if "/" not in name and text.lower() not in seen and _eligible(name, text):
             seen.add(text.lower())  # one recording per sentence ("invalid" and "pbx-invalid" say the same)
             chosen.append(Utterance(name, text))
+    return chosen
+
+
+@functools.cache
+def devset(size: int = SET_SIZE) -> tuple[Utterance, ...]:
+    """`size` eligible prompts, evenly spaced in name order (deterministic)."""
+    chosen = _eligible_prompts()
     if len(chosen) < size:
         raise RuntimeError(f"only {len(chosen)} eligible prompts in {TRANSCRIPTS}, {size} wanted")
     step = len(chosen) / size
