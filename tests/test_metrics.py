@@ -224,6 +224,12 @@ async def test_web_sessions_turns_latencies_refusals_and_dispatch_failures(metri
         sum(v["compute_ms"] for v in stt) / 1000, abs=1e-6)
     assert d("speechpipe_stt_audio_seconds_total", direction="web") == pytest.approx(
         sum(v["audio_s"] for v in stt), abs=1e-6)
+    queue = [v for c in (a, b, c) for v in metric_values(c, "stt_queue")]
+    finals = [v["final_wait_ms"] for v in queue if "final_wait_ms" in v]
+    assert len(finals) >= 1  # the decodes that ended turns, and how long they queued
+    assert d("speechpipe_stt_queue_seconds_count", direction="web", kind="final") == len(finals)
+    assert d("speechpipe_stt_queue_seconds_sum", direction="web", kind="final") == pytest.approx(
+        sum(finals) / 1000, abs=1e-6)
     tts = [v for c in (a, b, c) for v in metric_values(c, "tts")]
     assert len(tts) >= agent  # at least one synthesized sentence per spoken agent turn
     assert all(0 < v["first_audio_ms"] <= v["compute_ms"] and v["audio_s"] > 0 for v in tts), tts

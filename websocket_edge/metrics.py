@@ -121,7 +121,12 @@ class Telemetry:
         self.tts_audio = Counter("speechpipe_tts_audio_seconds", "Audio synthesized", d, registry=r)
         self.partials_shed = Counter("speechpipe_stt_partials_shed", "Partial transcripts skipped because a "
                                      "final decode was waiting (shed first under load)", d, registry=r)
+        self.stt_queue = Histogram("speechpipe_stt_queue_seconds", "Time a decode waited in the STT decode "
+                                   "pool before it ran (final: ends a turn; speculative: at a pause)",
+                                   ["direction", "kind"], buckets=FAST_BUCKETS, registry=r)
         for direction in LIVE_DIRECTIONS:  # every series exists from the start, so rate() sees the first one
+            for kind in ("final", "speculative"):
+                self.stt_queue.labels(direction, kind)
             for family in (self.sessions_live, self.sessions_started, self.interrupted, self.barge_ins,
                            self.response_latency, self.barge_in_reaction, self.stt_final, self.stt_compute,
                            self.stt_audio, self.tts_first_audio, self.tts_compute, self.tts_audio,
@@ -201,6 +206,11 @@ class Telemetry:
             audio_s = _seconds(values, "audio_s", 1.0)
             if audio_s is not None:
                 audio.labels(d).inc(audio_s)
+        elif name == "stt_queue":
+            for kind in ("final", "speculative"):
+                seconds = _seconds(values, f"{kind}_wait_ms")
+                if seconds is not None:
+                    self.stt_queue.labels(d, kind).observe(seconds)
         elif name == "stt_partial_shed":
             count = values.get("count")
             if isinstance(count, int | float) and 0 < count < 1e6:
