@@ -30,8 +30,11 @@ Figures per leg:
 - latency (complete sentences): the last voiced 20 ms frame of the sentence sent (frames within 40 dB
   of its loudest 10 ms) to the first agent audio frame received, p50/p95/max; the endpoint silences the
   turn detector chose, p50;
-- cut (paused sentences): a sentence is cut when it became more than one user turn (the endpoint fired
-  in the pause: the agent had half a thought to answer), or its first turn's words end at the break;
+- cut (paused sentences): a user turn ended in the inserted pause (its end, the last voiced frame, within
+  400 ms before the break or inside it) with more of the sentence after it: the agent had half a thought
+  to answer. `split`: items (of either set) that became several turns at some other gap: the recorded
+  prompts have natural pauses of their own between phrases ("After the tone say your busy message |
+  then press the pound key"), where a finished-sounding phrase may rightly end a turn;
 - misjudged (complete sentences): how many were held to the longest silence (judged unfinished);
 - WER of the user turns against the references (the turns of a sentence joined).
 Targets (issue 13): complete p50 ≤ 400 ms, p95 ≤ 600 ms; ≤ 5 % cut; the phone leg within 50 ms of the
@@ -129,7 +132,8 @@ class LegResult:
     held: int = 0  # complete sentences held to the longest silence
     complete: int = 0
     paused: int = 0
-    cut: list[tuple[str, list[str]]] = field(default_factory=list)
+    cut: list[tuple[str, list[str]]] = field(default_factory=list)  # a turn ended in the inserted pause
+    split: list[tuple[str, list[str]]] = field(default_factory=list)  # split elsewhere (a natural gap)
     wers: list[float] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     misheard: list[tuple[str, str]] = field(default_factory=list)
@@ -226,7 +230,8 @@ def to_telephone(pcm: np.ndarray) -> np.ndarray:
 
 # ---- scoring ------------------------------------------------------------------------------------------
 def score(result: LegResult, item: Item, turns: list[dict[str, Any]], latency_ms: float | None,
-          endpoint_ms: float | None, longest_ms: int) -> None:
+          endpoint_ms: float | None, longest_ms: int, start_ms: int) -> None:
+    """`start_ms`: where the item's audio began on the session clock (the turns' start_ms/end_ms)."""
     texts = [t["text"] for t in turns]
     if not texts:
         result.missed.append(item.name)
@@ -244,8 +249,16 @@ def score(result: LegResult, item: Item, turns: list[dict[str, Any]], latency_ms
             result.held += endpoint_ms >= longest_ms
     else:
         result.paused += 1
-        if len(texts) > 1:
+        assert item.pause_at is not None
+        at_ms = start_ms + item.pause_at * 1000 // RATE
+        pause = (at_ms, at_ms + item.pause_ms)
+        # A turn that ends just before the break (the VAD places the end at the last voiced frame) or in it,
+        # with more of the sentence after it, was cut at the pause.
+        if any(pause[0] - 400 <= t["end_ms"] <= pause[1] for t in turns[:-1]):
             result.cut.append((item.name, texts))
+            return
+    if len(texts) > 1:
+        result.split.append((item.name, texts))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -297,6 +310,7 @@ async def run_web(items: list[Item], config: dict[str, Any], engines: Engines, w
                 speech = np.pad(item.pcm, (0, -len(item.pcm) % FRAME))
                 end_frame = sent + (last_voiced_sample(speech) + FRAME - 1) // FRAME
                 n_events, n_audio = len(events), len(audio)
+                start_ms = sent * 20  # the session clock counts the 16 kHz audio it was sent
                 await send(speech)
                 deadline = time.monotonic() + longest / 1000 + 15
                 while not settled(events, n_events) and time.monotonic() < deadline:
@@ -309,7 +323,7 @@ async def run_web(items: list[Item], config: dict[str, Any], engines: Engines, w
                 reply = [t for t in audio[n_audio:] if t > speech_end]
                 latency = (reply[0] - speech_end) * 1000 if reply else None
                 score(result, item, turns, latency, metrics[0]["endpoint_silence_ms"] if metrics else None,
-                      longest)
+                      longest, start_ms)
             await ws.send_json({"type": "stop"})
             await asyncio.wait_for(reader, 10)
     finally:
@@ -352,7 +366,7 @@ async def run_phone(items: list[Item], config: dict[str, Any], engines: Engines)
             turns = [e for e in new if e["type"] == "user_turn"]
             metrics = [e["values"] for e in new if e["type"] == "metric" and e["name"] == "turn"]
             endpoint = metrics[0]["endpoint_silence_ms"] if metrics else None
-            score(result, item, turns, latency, endpoint, longest)
+            score(result, item, turns, latency, endpoint, longest, start_tick * 20)
     finally:
         await session.end("bench_over")
     return result
@@ -362,14 +376,16 @@ async def run_phone(items: list[Item], config: dict[str, Any], engines: Engines)
 def report(leg: str, r: LegResult, longest: int) -> dict[str, Any]:
     row = {"leg": leg, "complete": r.complete, "p50": pct(r.latencies_ms, 50), "p95": pct(r.latencies_ms, 95),
            "max": max(r.latencies_ms, default=float("nan")), "endpoint_p50": pct(r.endpoints_ms, 50),
-           "held": r.held, "paused": r.paused, "cut": len(r.cut),
+           "held": r.held, "paused": r.paused, "cut": len(r.cut), "split": len(r.split),
            "cut_pct": 100.0 * len(r.cut) / r.paused if r.paused else float("nan"),
            "wer": statistics.fmean(r.wers) if r.wers else float("nan"), "missed": len(r.missed)}
     print(f"{leg:>6} {row['complete']:>8} {row['p50']:>6.0f} {row['p95']:>6.0f} {row['max']:>6.0f} "
           f"{row['endpoint_p50']:>9.0f} {row['held']:>5} {row['paused']:>7} {row['cut']:>4} "
-          f"{row['cut_pct']:>6.1f} {row['wer']:>6.3f} {row['missed']:>6}", flush=True)
+          f"{row['cut_pct']:>6.1f} {row['split']:>6} {row['wer']:>6.3f} {row['missed']:>6}", flush=True)
     for name, texts in r.cut:
-        print(f"{'':>6} cut: {name}: {texts}")
+        print(f"{'':>6} cut at the pause: {name}: {texts}")
+    for name, texts in r.split:
+        print(f"{'':>6} split elsewhere: {name}: {texts}")
     for said, heard in r.misheard[:5]:
         print(f"{'':>6} misheard: {said!r} → {heard!r}")
     for name in r.missed:
@@ -394,7 +410,7 @@ def main() -> None:
     print(f"turn detector {args.detector}: {len(complete)} complete sentences, {len(paused)} with a "
           f"{min(PAUSES_MS)}-{max(PAUSES_MS)} ms pause at a natural break")
     print(f"{'leg':>6} {'complete':>8} {'p50':>6} {'p95':>6} {'max':>6} {'endpoint':>9} {'held':>5} "
-          f"{'paused':>7} {'cut':>4} {'cut %':>6} {'WER':>6} {'missed':>6}")
+          f"{'paused':>7} {'cut':>4} {'cut %':>6} {'split':>6} {'WER':>6} {'missed':>6}")
     rows = {}
     for leg in args.legs.split(","):
         if leg == "web":

@@ -1,6 +1,6 @@
 """Web sessions under load: N concurrent raw WebSocket clients, real speech, real engines.
 
-    .venv/bin/python -m bench.web_sessions                    # 1, 2, 4, 6 sessions; 5 turns each
+    .venv/bin/python -m bench.web_sessions                    # 1, 5, 10, 15 sessions; 5 turns each
     .venv/bin/python -m bench.web_sessions --sessions 1,3,5 --turns 8
 
 Runs the real app (client WebSocket, SQLite storage, whisper tiny.en, espeak-ng, the in-process echo agent)
@@ -11,7 +11,7 @@ start staggered over one turn so their turns do not all end on the same frame.
 Figures, per concurrency level:
 - response latency (docs/architecture.md § Timing definitions): end of the user's speech (the last voiced
   10 ms of the sentence sent) to the first agent audio frame received, p50/p95 over every turn
-  (endpointing silence named beside it).
+  (the endpointing named beside it).
   The server's own figure (`metric` events: last voiced frame → first frame out) is shown too.
 - real time: how late each agent audio frame arrived against the pacing schedule (the first 100 ms of a
   reply at once, then one frame per 20 ms after the first arrived), p99 and max; and how late the
@@ -182,17 +182,20 @@ def serve(data: Path) -> tuple[object, Store]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sessions", default="1,2,4,6", help="comma-separated concurrency levels")
+    p.add_argument("--sessions", default="1,5,10,15", help="comma-separated concurrency levels")
     p.add_argument("--turns", type=int, default=5, help="turns per session")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     levels = [int(x) for x in args.sessions.split(",")]
-    silence_ms = PipeConfig(agent_id="x").endpointing.silence_ms
+    ep = PipeConfig(agent_id="x").endpointing
+    finished, undecided, unfinished = ep.silence_range_ms
+    endpointing = (f"turn detector {ep.turn_detector}: {finished} ms after a finished sentence, "
+                   f"{undecided}-{unfinished} ms otherwise")
     with tempfile.TemporaryDirectory(prefix="speechpipe-bench-") as tmp:
         server, store = serve(Path(tmp))
         try:
             print(f"response latency: end of user speech → first agent audio received "
-                  f"(endpointing silence {silence_ms} ms); 'server' = the server's own metric")
+                  f"({endpointing}); 'server' = the server's own metric")
             print(f"{'sessions':>8} {'turns':>5} {'missed':>6} {'p50 ms':>7} {'p95 ms':>7} "
                   f"{'server p50/p95':>15} {'late p99/max ms':>16} {'tick p99':>8} {'WER':>5}  holds")
             capacity = 0
