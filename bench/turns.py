@@ -58,14 +58,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from bench.web_sessions import FRAME, RATE, PacedSender, last_voiced_sample
 from speechpipe.pipeline.audio import ulaw_decode, ulaw_encode
 from speechpipe.pipeline.config import PipeConfig
 from speechpipe.pipeline.session import Engines
 from tests import realspeech
 from tests.speech import silence, synth, wer
 
-RATE = 16000
-FRAME = RATE // 50
 PAUSES_MS = (400, 500, 600, 700, 800)
 COMPLETE_ESPEAK = (
     "What time does the pharmacy open tomorrow?",
@@ -140,14 +139,6 @@ class LegResult:
 
 
 # ---- the speech -----------------------------------------------------------------------------------------
-def last_voiced_sample(pcm: np.ndarray) -> int:
-    """End of the last 10 ms block within 40 dB of the loudest one."""
-    blocks = len(pcm) // 160
-    rms = np.sqrt(np.mean(pcm[: blocks * 160].astype(np.float64).reshape(blocks, 160) ** 2, axis=1))
-    voiced = np.nonzero(rms > rms.max() * 0.01)[0]
-    return int((voiced[-1] + 1) * 160)
-
-
 def word_ends(model: Any, pcm: np.ndarray) -> list[tuple[str, float, float]]:
     """(word, start_s, end_s) per word, from faster-whisper's word timestamps."""
     segments, _ = model.transcribe(pcm.astype(np.float32) / 32768, language="en", beam_size=5,
@@ -295,22 +286,15 @@ async def run_web(items: list[Item], config: dict[str, Any], engines: Engines, w
                         events.append({"_t": time.monotonic(), **json.loads(m.data)})
 
             reader = asyncio.ensure_future(read())
-            t0 = time.monotonic()
-            sent = 0
-
-            async def send(pcm: np.ndarray) -> None:
-                nonlocal sent
-                for i in range(0, len(pcm), FRAME):
-                    await ws.send_bytes(pcm[i:i + FRAME].astype("<i2").tobytes())
-                    sent += 1
-                    await asyncio.sleep(max(0.0, t0 + sent * 0.02 - time.monotonic()))
+            line = PacedSender(ws)
+            send = line.send
 
             await send(silence(500))
             for item in items:
                 speech = np.pad(item.pcm, (0, -len(item.pcm) % FRAME))
-                end_frame = sent + (last_voiced_sample(speech) + FRAME - 1) // FRAME
+                end_frame = line.sent + (last_voiced_sample(speech) + FRAME - 1) // FRAME
                 n_events, n_audio = len(events), len(audio)
-                start_ms = sent * 20  # the session clock counts the 16 kHz audio it was sent
+                start_ms = line.sent * 20  # the session clock counts the 16 kHz audio it was sent
                 await send(speech)
                 deadline = time.monotonic() + longest / 1000 + 15
                 while not settled(events, n_events) and time.monotonic() < deadline:
@@ -319,7 +303,7 @@ async def run_web(items: list[Item], config: dict[str, Any], engines: Engines, w
                 new = events[n_events:]
                 turns = [e for e in new if e["type"] == "user_turn"]
                 metrics = [e["values"] for e in new if e["type"] == "metric" and e["name"] == "turn"]
-                speech_end = t0 + end_frame * 0.02
+                speech_end = line.t0 + end_frame * 0.02
                 reply = [t for t in audio[n_audio:] if t > speech_end]
                 latency = (reply[0] - speech_end) * 1000 if reply else None
                 score(result, item, turns, latency, metrics[0]["endpoint_silence_ms"] if metrics else None,

@@ -77,6 +77,22 @@ def last_voiced_sample(pcm: np.ndarray) -> int:
     return int((voiced[-1] + 1) * 160)
 
 
+class PacedSender:
+    """Sends 16 kHz int16 audio on a WebSocket in 20 ms frames on an absolute real-time schedule (a slow
+    send does not shift the rest). `sent`: frames so far; frame k is due at `t0 + k * 0.02`."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.t0 = time.monotonic()
+        self.sent = 0
+
+    async def send(self, pcm: np.ndarray) -> None:
+        for i in range(0, len(pcm), FRAME):
+            await self.ws.send_bytes(pcm[i:i + FRAME].astype("<i2").tobytes())
+            self.sent += 1
+            await asyncio.sleep(max(0.0, self.t0 + self.sent * 0.02 - time.monotonic()))
+
+
 async def client(url: str, turns: int, offset: int, start_delay_s: float) -> ClientResult:
     result = ClientResult()
     await asyncio.sleep(start_delay_s)
@@ -93,25 +109,18 @@ async def client(url: str, turns: int, offset: int, start_delay_s: float) -> Cli
                     events.append({"_t": time.monotonic(), **json.loads(msg.data)})
 
         reader = asyncio.ensure_future(read())
-        t0 = time.monotonic()
-        sent = 0  # frames sent so far, on an absolute 20 ms schedule
-
-        async def send(pcm: np.ndarray) -> None:
-            nonlocal sent
-            for i in range(0, len(pcm), FRAME):
-                await ws.send_bytes(pcm[i:i + FRAME].astype("<i2").tobytes())
-                sent += 1
-                await asyncio.sleep(max(0.0, t0 + sent * 0.02 - time.monotonic()))
+        line = PacedSender(ws)
+        send = line.send
 
         for k in range(turns):
             sentence = SENTENCES[(offset + k) % len(SENTENCES)]
             speech = np.concatenate([synth(sentence), silence(200)])
             speech = np.pad(speech, (0, -len(speech) % FRAME))
-            end_frame = sent + (last_voiced_sample(speech) + FRAME - 1) // FRAME
+            end_frame = line.sent + (last_voiced_sample(speech) + FRAME - 1) // FRAME
             n_done = sum(e["type"] == "agent.speech_done" for e in events)
             n_audio = len(audio)
             await send(speech)
-            speech_end = t0 + end_frame * 0.02  # when the last voiced frame was due to leave
+            speech_end = line.t0 + end_frame * 0.02  # when the last voiced frame was due to leave
             # Silence while the agent answers, until its reply has been fully sent (or 15 s pass).
             deadline = time.monotonic() + 15
             def answered() -> bool:

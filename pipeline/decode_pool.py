@@ -17,11 +17,25 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
 CONTROL, FINAL, SPECULATIVE = 0, 1, 2
+
+# Like concurrent.futures' own pools: worker threads are not daemons (a daemon thread still inside a native
+# decode when the interpreter finalises aborts the process), and at exit every pool is told to stop, its
+# queued work runs, and its threads are joined.
+_pools: weakref.WeakSet[DecodePool] = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    for pool in list(_pools):
+        pool.shutdown(wait=True)
+
+
+threading._register_atexit(_stop_all)  # type: ignore[attr-defined]  # runs before threads are joined
 
 
 class Job:
@@ -50,6 +64,7 @@ class DecodePool(Executor):
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._shutdown = False
+        _pools.add(self)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if kwargs:
@@ -66,8 +81,7 @@ class DecodePool(Executor):
             if self._idle:
                 self._cv.notify()
             elif len(self._threads) < self.max_workers:
-                t = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}",
-                                     daemon=True)
+                t = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}")
                 self._threads.append(t)
                 t.start()
         return job
