@@ -425,18 +425,20 @@ class PipelineSession:
             return
         if fut.cancelled() or fut.exception() is not None or fut.result() is None:
             return  # stale or failed: the pause runs to the longest silence (and the endpoint decodes)
-        text = fut.result().text.strip()
+        heard = fut.result()
+        text = heard.text.strip()
         slope, decay = prosody(np.concatenate(self._voiced_tail)) if self._voiced_tail else (None, None)
-        cues = TurnCues(text, self.detector.speech_ms / 1000, slope, decay)
+        cues = TurnCues(text, self.detector.speech_ms / 1000, slope, decay, heard.last_word_prob,
+                        heard.end_mark_prob)
         p = self.turn_detector.end_probability(cues)
         endpoint_ms = endpoint_for(p, self.config.endpointing)
         self._verdict = (p, endpoint_ms)
         self.detector.endpoint_ms = endpoint_ms
-        log.debug("session %s: pause at %d ms judged %.2f finished (%r, pitch %s st/s, decay %s dB): "
-                  "the turn ends after %d ms of silence", self.session_id, self.detector.end_ms(), p,
-                  ev.REDACTED if self._utterance_redacted() else text,
-                  None if slope is None else round(slope, 1), None if decay is None else round(decay, 1),
-                  endpoint_ms)
+        log.debug("session %s: pause at %d ms judged %.2f finished (%r, last word p %s, mark p %s, pitch %s "
+                  "st/s, decay %s dB): the turn ends after %d ms of silence", self.session_id,
+                  self.detector.end_ms(), p, ev.REDACTED if self._utterance_redacted() else text,
+                  _round(heard.last_word_prob, 2), _round(heard.end_mark_prob, 2), _round(slope, 1),
+                  _round(decay, 1), endpoint_ms)
 
     def _stt_queue_wait(self, kind: str, wait_s: float) -> None:
         """A decode waited `wait_s` in the process's decode pool before it ran."""
@@ -1054,3 +1056,7 @@ def _summary(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
     return {"count": len(arr), "p50": round(float(np.percentile(arr, 50)), 1),
             "p95": round(float(np.percentile(arr, 95)), 1), "max": round(float(arr.max()), 1)}
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

@@ -10,14 +10,22 @@ machine decodes, so nothing here has a timing threshold.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
+from bench.turns import COMPLETE_ESPEAK, PAUSED_ESPEAK
+from bench.web_sessions import last_voiced_sample
 from speechpipe.pipeline import events as ev
 from speechpipe.pipeline.agent import CallbackAgent
+from speechpipe.pipeline.audio import Resampler
 from speechpipe.pipeline.config import PipeConfig
+from speechpipe.pipeline.models import get_stt_engine
 from speechpipe.pipeline.session import Engines, PipelineSession, SessionInfo
+from speechpipe.pipeline.turns import HeuristicTurnDetector, TurnCues, prosody
+from tests import realspeech
 from tests.speech import g711_roundtrip, resample, silence, synth, wer
 
 FINISHED = "What time does the pharmacy open tomorrow?"
@@ -127,3 +135,63 @@ async def test_a_finished_sentence_waits_the_full_silence_without_the_detector(e
         assert len(turns(events)) == 1
     finally:
         await session.end("test_over")
+
+
+# ---- the words' verdict over sets: how often a finished sentence ends early, a half sentence does not ------
+def _judge(engine: Any, pcm: np.ndarray, rate: int) -> tuple[float, TurnCues]:
+    """The detector's verdict on `pcm` (16 kHz) as the session makes it at a pause: the leg's audio back at
+    16 kHz, decoded with the 160 ms of silence the pause decode sees, the last 0.5 s voiced for prosody."""
+    audio = on_leg(pcm, rate)
+    if rate != 16000:
+        up = Resampler(rate, 16000)
+        audio = np.concatenate([up.process(audio), up.flush()])[: len(pcm)]
+    end = last_voiced_sample(audio)
+    stream = engine.new_stream("en")
+    try:
+        stream.accept(np.concatenate([audio[:end], silence(160)]))
+        heard = stream.final()
+    finally:
+        stream.close()
+    slope, decay = prosody(audio[max(0, end - 8000):end])
+    cues = TurnCues(heard.text, end / 16000 * 0.8, slope, decay, heard.last_word_prob, heard.end_mark_prob)
+    return HeuristicTurnDetector().end_probability(cues), cues
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> dict[str, list[tuple[float, TurnCues]]]:
+    """Verdicts on bench/turns.py's espeak sets and the recorded one-sentence prompts, web and phone:
+    "finished" (whole sentences), "halves" (the first half of a sentence a caller paused in, up to the
+    pause)."""
+    engine = get_stt_engine("whisper", None, "en")
+    finished = [synth(t) for t in COMPLETE_ESPEAK]
+    finished += [np.asarray(realspeech.wideband(u)) for u in realspeech.single_sentences()[::2]]
+    halves = []
+    for head, tail in PAUSED_ESPEAK:
+        pcm = synth(f'<speak>{head} <break time="700ms"/> {tail}</speak>', ssml=True)
+        halves.append(pcm[: len(synth(head))])
+    out: dict[str, list[tuple[float, TurnCues]]] = {"finished": [], "halves": []}
+    for rate in (16000, 8000):
+        out["finished"] += [_judge(engine, pcm, rate) for pcm in finished]
+        out["halves"] += [_judge(engine, pcm, rate) for pcm in halves]
+    return out
+
+
+def test_finished_sentences_are_judged_finished(verdicts: dict[str, list[tuple[float, TurnCues]]]) -> None:
+    got = verdicts["finished"]
+    early = [c.text for p, c in got if p >= 0.8]
+    late = [(round(p, 2), c.text, c.last_word_prob, c.end_mark_prob) for p, c in got if p < 0.8]
+    print(f"finished sentences judged finished: {len(early)} of {len(got)}; not: {late}")
+    assert len(early) >= 0.85 * len(got), late
+
+
+def test_half_sentences_are_not_judged_finished(verdicts: dict[str, list[tuple[float, TurnCues]]]) -> None:
+    got = verdicts["halves"]
+    cut = [(c.text, c.last_word_prob, c.end_mark_prob) for p, c in got if p >= 0.8]
+    # Without the decoder's end confidence, the words alone.
+    detector = HeuristicTurnDetector()
+    words_only = [c.text for _, c in got if detector.end_probability(replace(
+        c, last_word_prob=None, end_mark_prob=None)) >= 0.8]
+    print(f"half sentences judged finished: {len(cut)} of {len(got)} ({cut}); on the words alone "
+          f"{len(words_only)} ({words_only})")
+    assert len(cut) <= 0.15 * len(got), cut
+    assert len(cut) < len(words_only)  # the end confidence is what holds some of them

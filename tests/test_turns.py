@@ -64,6 +64,8 @@ def test_max_turn_length_cuts():
     ("Please hold while I...", True), ("I'd like", True), ("The conference is now", True),
     ("Yes, it is.", False), ("I can.", False), ("My name is.", True),
     ("That agent is already logged on.", False),
+    ("Which folder should I save this message to?", False), ("Who am I speaking with?", False),
+    ("Can you send the package to?", True),  # a stranded preposition ends a wh-question only
 ])
 def test_looks_unfinished(text: str, unfinished: bool) -> None:
     assert looks_unfinished(text) is unfinished
@@ -134,3 +136,39 @@ def test_prosody_tips_a_finished_text_but_not_an_unfinished_one() -> None:
     open_fall = det.end_probability(TurnCues("I would like to order the", 2.0, pitch_slope=-8.0,
                                              energy_decay_db=6.0))
     assert open_fall < 0.5
+
+
+@pytest.mark.parametrize(("last_word", "mark", "unsure"), [
+    (0.95, 0.9, False), (None, None, False), (0.95, None, False),  # no mark: nothing to doubt there
+    (0.11, 0.9, True),  # "... a subscription net.": the last word half-heard
+    (0.99, 0.31, True),  # "We need a table for four people.": the period barely chosen
+])
+def test_an_unsure_end_keeps_a_finished_reading_text_waiting_past_a_pause(
+        last_word: float | None, mark: float | None, unsure: bool) -> None:
+    cfg = EndpointingConfig()
+    cues = TurnCues("I was charged for a subscription net.", 2.0, last_word_prob=last_word,
+                    end_mark_prob=mark)
+    assert cues.unsure_end is unsure
+    endpoint = endpoint_for(HeuristicTurnDetector().end_probability(cues), cfg)
+    if unsure:
+        # Past a caller's pause mid-sentence (bench/turns.py inserts 400-800 ms), short of the longest.
+        assert 900 <= endpoint < cfg.silence_range_ms[2]
+    else:
+        assert endpoint == cfg.min_silence_ms
+    # An unfinished-reading text waits the same whether or not the decoder was sure of it.
+    open_end = TurnCues("I'd like to order a large pizza with", 2.0, last_word_prob=last_word,
+                        end_mark_prob=mark)
+    assert HeuristicTurnDetector().end_probability(open_end) < 0.2
+
+
+def test_end_confidence_multiplies_the_last_words_tokens_and_the_mark() -> None:
+    from speechpipe.pipeline.stt.whisper import end_confidence
+
+    end = end_confidence([" I", " was", " charged", " sub", "scription", " ne", "t", "."],
+                         [0.9, 0.9, 0.9, 0.8, 0.9, 0.5, 0.4, 0.7])
+    assert end is not None and end.last_word == pytest.approx(0.2) and end.end_mark == pytest.approx(0.7)
+    end = end_confidence([" Hello", " there"], [0.9, 0.6])
+    assert end is not None and end.last_word == pytest.approx(0.6) and end.end_mark is None
+    both = end_confidence(["Wait", "?!"], [0.5, 0.25])
+    assert both is not None and both.last_word == pytest.approx(0.5) and both.end_mark == pytest.approx(0.25)
+    assert end_confidence(["."], [0.9]) is None and end_confidence([], []) is None

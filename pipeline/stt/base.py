@@ -20,6 +20,11 @@ class Transcript:
     audio_s: float
     # Wall-clock seconds the engine spent producing it.
     compute_s: float
+    # How sure the engine was of the words that end the text (None: it does not say): the last word's
+    # probability and, when the text ends on a sentence mark, that mark's. A turn detector reads them: a
+    # half-heard last word ("... a subscription net.") is how a cut-off sentence passes for a finished one.
+    last_word_prob: float | None = None
+    end_mark_prob: float | None = None
 
 
 class STTStream(ABC):

@@ -239,6 +239,32 @@ def split_long(rms: np.ndarray, max_s: float) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class EndConfidence:
+    """The decoder's probability of the last word (its tokens' product) and of the sentence mark after it
+    (None when the text ends without one), each given the audio and the words before it."""
+
+    last_word: float
+    end_mark: float | None
+
+
+_MARKS = frozenset(".?!")
+
+
+def end_confidence(pieces: list[str], probs: list[float]) -> EndConfidence | None:
+    """From the decoded tokens (their text pieces) and each one's probability: a word starts at a piece
+    beginning with a space; trailing sentence marks are the end mark."""
+    n = len(pieces)
+    mark: float | None = None
+    while n and pieces[n - 1].strip() and set(pieces[n - 1].strip()) <= _MARKS:
+        mark = probs[n - 1] if mark is None else mark * probs[n - 1]
+        n -= 1
+    if not n:
+        return None
+    start = max((i for i in range(n) if pieces[i].startswith(" ")), default=0)
+    return EndConfidence(float(np.prod(probs[start:n])), None if mark is None else float(mark))
+
+
+@dataclass(frozen=True)
 class DecodeInfo:
     """What one decode saw, for logs and tests (the kept pass's figures; times cover every pass)."""
 
@@ -255,6 +281,9 @@ class DecodeInfo:
     fallback: str = ""  # why a second pass ran: "compression" or "repeat"; "" when none did
     # "short": one pass; "short+full": a 30 s pass ran and the short one was kept; "full": the 30 s one was.
     path: str = "short"
+    # The kept text's end, as sure as the decoder was of it (EndConfidence; None when the guards changed
+    # the text, or end_confidence is off).
+    end: EndConfidence | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +297,7 @@ class _Pass:
     hit_cap: bool
     encode_s: float
     decode_s: float
+    end: EndConfidence | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -298,6 +328,7 @@ class WhisperEngine(STTEngine):
         min_window_s: float = 4.0,
         margin_s: float = 6.0,
         partial_interval_s: float | None = None,
+        end_confidence: bool = True,
     ) -> None:
         # cpu_threads=1 with num_workers=2: two sessions decode at once on a 2-core machine, each on its own
         # CTranslate2 replica, instead of queueing behind one multithreaded replica.
@@ -315,6 +346,9 @@ class WhisperEngine(STTEngine):
         # does not stream either way: the session's STT lane asks `WhisperStream.partial_decode` when the
         # machine has time for it (pipeline.stt_lane.DecodeGate).
         self.partial_interval_s = partial_interval_s
+        # Score the decoded text's last word and sentence mark (Transcript.last_word_prob/end_mark_prob),
+        # which the heuristic turn detector reads.
+        self.end_confidence = end_confidence
         self._en_tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task="transcribe",
                                        language="en")
         self._suppress = list(get_suppressed_tokens(self._en_tokenizer, [-1]) or [])
@@ -429,7 +463,7 @@ class WhisperEngine(STTEngine):
         return text, DecodeInfo(
             kept.window_s, kept.no_speech_prob, kept.avg_logprob, kept.raw, reason,
             sum(p.encode_s for p in passes), sum(p.decode_s for p in passes), kept.compression_ratio,
-            repeat, fallback, path,
+            repeat, fallback, path, kept.end if text == kept.raw else None,
         )
 
     def _pass(self, pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
@@ -452,12 +486,19 @@ class WhisperEngine(STTEngine):
             return_scores=True, return_no_speech_prob=True, suppress_blank=True,
             suppress_tokens=self._suppress,
         )[0]
-        t2 = time.perf_counter()
         tokens = result.sequences_ids[0]
+        end = None
+        if self.end_confidence and tokens:
+            # Each token's probability given the audio and the tokens before it: one more decoder pass over
+            # the kept sequence (~30 ms for tiny.en on one thread; beam search does not return them).
+            aligned = self.model.model.align(encoded, list(tokenizer.sot_sequence), [tokens],
+                                             max(1, int(dur * 100)))[0]
+            end = end_confidence([tokenizer.decode([t]) for t in tokens], list(aligned.text_token_probs))
+        t2 = time.perf_counter()
         # faster-whisper's average log-probability (length_penalty=1): the EOT step counts as a token.
         avg_logprob = float(result.scores[0] * len(tokens) / (len(tokens) + 1))
         return _Pass(float(window_s), tokenizer.decode(tokens).strip(), avg_logprob,
-                     float(result.no_speech_prob), len(tokens) >= max_new, t1 - t0, t2 - t1)
+                     float(result.no_speech_prob), len(tokens) >= max_new, t1 - t0, t2 - t1, end)
 
 
 class WhisperStream(STTStream):
@@ -523,7 +564,10 @@ class WhisperStream(STTStream):
             audio = self._buf[:n].copy()
         t0 = time.perf_counter()
         text, info = self._engine.transcribe(audio, self._language)
-        result = Transcript(text=text, audio_s=n / SAMPLE_RATE, compute_s=time.perf_counter() - t0)
+        end = info.end
+        result = Transcript(text=text, audio_s=n / SAMPLE_RATE, compute_s=time.perf_counter() - t0,
+                            last_word_prob=None if end is None else end.last_word,
+                            end_mark_prob=None if end is None else end.end_mark)
         with self._lock:
             if self._gen == gen:
                 self.last_info = info
