@@ -146,9 +146,8 @@ class Endpointer:
 
 
 # ---- judging the words, the voice and the pace --------------------------------------------------------
-# Below these the text's end is not trusted (TurnCues.unsure_end).
-UNSURE_WORD_PROB = 0.4
-UNSURE_MARK_PROB = 0.35
+# Below this the text's end is not trusted (TurnCues.unsure_end).
+UNSURE_END = 0.45
 # A finished-reading text with an unsure end waits this long: past a mid-sentence pause (most are under
 # 0.8 s) but well short of the longest silence.
 UNSURE_END_P = 0.25
@@ -167,12 +166,20 @@ class TurnCues:
     end_mark_prob: float | None = None
 
     @property
+    def end_prob(self) -> float | None:
+        """How sure the STT was of the words that make the text read finished: its last word's probability
+        times its sentence mark's (None when the engine does not say)."""
+        if self.last_word_prob is None:
+            return None
+        return self.last_word_prob * (1.0 if self.end_mark_prob is None else self.end_mark_prob)
+
+    @property
     def unsure_end(self) -> bool:
-        """The decoder was unsure of the words that make the text read as finished: a misheard last word
-        or a sentence mark it barely chose. On the bench's sentences cut at a pause (bench/turns.py), the
-        half that read as finished had this in 11 of 13 cases, against 2 of 77 finished sentences."""
-        return (self.last_word_prob is not None and self.last_word_prob < UNSURE_WORD_PROB) or \
-            (self.end_mark_prob is not None and self.end_mark_prob < UNSURE_MARK_PROB)
+        """A misheard last word or a sentence mark barely chosen. On bench/turns.py's sets, the halves of
+        paused sentences that read as finished had an end_prob under UNSURE_END in 11 of 13 cases, against
+        3 of 77 finished sentences."""
+        end = self.end_prob
+        return end is not None and end < UNSURE_END
 
     @property
     def words_per_s(self) -> float | None:

@@ -139,9 +139,10 @@ def test_prosody_tips_a_finished_text_but_not_an_unfinished_one() -> None:
 
 
 @pytest.mark.parametrize(("last_word", "mark", "unsure"), [
-    (0.95, 0.9, False), (None, None, False), (0.95, None, False),  # no mark: nothing to doubt there
+    (0.95, 0.9, False), (None, None, False), (0.95, None, False),
     (0.11, 0.9, True),  # "... a subscription net.": the last word half-heard
     (0.99, 0.31, True),  # "We need a table for four people.": the period barely chosen
+    (0.85, 0.5, True),  # "the conferences.": neither alone, both together
 ])
 def test_an_unsure_end_keeps_a_finished_reading_text_waiting_past_a_pause(
         last_word: float | None, mark: float | None, unsure: bool) -> None:
