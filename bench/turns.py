@@ -98,6 +98,7 @@ OPEN_WORDS = frozenset(
     "from by into about than that because if as can could would will should do does did have has had "
     "i'd i'm i'll we're you're".split())
 AGENT_REPLY = "Okay."
+SLOW_MS = 600  # a finished sentence answered later than the p95 target is listed with its endpoint
 
 
 @dataclass
@@ -136,6 +137,7 @@ class LegResult:
     wers: list[float] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     misheard: list[tuple[str, str]] = field(default_factory=list)
+    slow: list[tuple[str, float, float | None, str]] = field(default_factory=list)  # over the p95 target
 
 
 # ---- the speech -----------------------------------------------------------------------------------------
@@ -235,6 +237,8 @@ def score(result: LegResult, item: Item, turns: list[dict[str, Any]], latency_ms
         result.complete += 1
         if latency_ms is not None:
             result.latencies_ms.append(latency_ms)
+            if latency_ms > SLOW_MS:
+                result.slow.append((item.name, latency_ms, endpoint_ms, heard))
         if endpoint_ms is not None:
             result.endpoints_ms.append(endpoint_ms)
             result.held += endpoint_ms >= longest_ms
@@ -370,6 +374,8 @@ def report(leg: str, r: LegResult, longest: int) -> dict[str, Any]:
         print(f"{'':>6} cut at the pause: {name}: {texts}")
     for name, texts in r.split:
         print(f"{'':>6} split elsewhere: {name}: {texts}")
+    for name, ms, endpoint, heard in r.slow:
+        print(f"{'':>6} slow: {name}: {ms:.0f} ms (endpoint {endpoint} ms): {heard!r}")
     for said, heard in r.misheard[:5]:
         print(f"{'':>6} misheard: {said!r} → {heard!r}")
     for name in r.missed:

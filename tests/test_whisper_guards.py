@@ -53,12 +53,15 @@ def test_echoed_text_is_a_whole_text_said_over() -> None:
 
 
 def _fake_passes(short: tuple[str, float, float], full: tuple[str, float, float] | None,
-                 calls: list[float]) -> Callable[[np.ndarray, float, str | None], _Pass]:
-    """A decoder that answers (raw text, avg log-prob, no-speech prob) per window: `full` for 30 s."""
+                 calls: list[float], mid: tuple[str, float, float] | None = None
+                 ) -> Callable[[np.ndarray, float, str | None], _Pass]:
+    """A decoder that answers (raw text, avg log-prob, no-speech prob) per window: `full` for 30 s, `mid`
+    for the 3 s longer window (both default to `short`)."""
 
     def run(pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
         calls.append(window_s)
-        raw, logprob, nsp = full if window_s >= 30 and full else short
+        answer = full if window_s >= 30 else mid if calls[0] < window_s else None
+        raw, logprob, nsp = answer or short
         return _Pass(window_s, raw, logprob, nsp, False, 0.01, 0.05)
 
     return run
@@ -101,12 +104,34 @@ def test_second_pass_choice(whisper_engine: WhisperEngine, monkeypatch: pytest.M
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(short, full, calls))
     got, info = whisper_engine.transcribe(audio, "en")
     assert (got, info.fallback, info.path, info.repeat) == (text, fallback, path, repeat)
-    assert calls == ([10.0] if path == "short" else [10.0, 30.0])
+    assert calls == ([10.0] if path == "short" else [10.0, 13.0, 30.0])
     kept = full if path == "full" else short
     assert kept is not None and (info.raw_text, info.avg_logprob) == (kept[0], kept[1])
     assert info.window_s == calls[-1 if path == "full" else 0]
     assert info.decode_s == pytest.approx(0.05 * len(calls))  # time covers every pass
     assert info.compression_ratio == pytest.approx(compression_ratio(kept[0]))
+
+
+@pytest.mark.parametrize(
+    "mid,text,path,calls",
+    [
+        # The 3 s longer window hears the restart-free sentence: kept, and the 30 s pass never runs.
+        ((DIALED, -0.12, 0.05), DIALED, "mid", [10.0, 13.0]),
+        # It loops as well: the 30 s pass decides, as without it.
+        ((f"{DIALED} Your call", -0.1, 0.05), DIALED, "full", [10.0, 13.0, 30.0]),
+        # Clean but outside Whisper's thresholds (avg log-prob < -1): not trusted, the 30 s pass runs.
+        (("Your coal can not.", -1.4, 0.3), DIALED, "full", [10.0, 13.0, 30.0]),
+    ],
+)
+def test_second_pass_tries_a_longer_window_first(
+        whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray,
+        mid: tuple[str, float, float], text: str, path: str, calls: list[float]) -> None:
+    seen: list[float] = []
+    restart = (f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04)
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, (DIALED, -0.2, 0.05), seen, mid))
+    got, info = whisper_engine.transcribe(audio, "en")
+    assert (got, info.fallback, info.path, seen) == (text, "repeat", path, calls)
+    assert info.window_s == seen[-1]
 
 
 def test_no_second_pass_without_speech_or_room(whisper_engine: WhisperEngine,
@@ -122,3 +147,27 @@ def test_no_second_pass_without_speech_or_room(whisper_engine: WhisperEngine,
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, None, calls))
     text, info = whisper_engine.transcribe(long, "en")
     assert calls == [30.0] and (info.fallback, info.path, text) == ("", "short", DIALED)
+
+
+def test_partial_decode_skips_the_second_pass_and_is_not_kept(
+        whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray) -> None:
+    """A partial is a preview: the 30 s pass (~0.4 s of a core) would hold up the pause's decode. Its
+    one-pass text that wanted that pass is not cached, so the final at the endpoint still runs it."""
+    calls: list[float] = []
+    restart = (f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04)
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, (DIALED, -0.12, 0.05), calls))
+    stream = whisper_engine.new_stream("en")
+    stream.accept(audio)
+    assert stream.partial_decode() == DIALED  # the guard's text of the one pass
+    assert calls == [10.0]
+    assert stream.last_info is not None and (stream.last_info.fallback, stream.last_info.path) == (
+        "repeat", "short-only")
+    final = stream.final()
+    assert final.text == DIALED and calls == [10.0, 10.0, 13.0, 30.0]
+    assert stream.last_info is not None and stream.last_info.path == "full"
+    # A clean one-pass partial is the final's decode: the endpoint reuses it.
+    calls.clear()
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes((DIALED, -0.1, 0.05), None, calls))
+    stream.reset()
+    stream.accept(audio)
+    assert stream.partial_decode() == DIALED and stream.final().text == DIALED and calls == [10.0]

@@ -35,16 +35,23 @@ phrases on weak evidence.
 
 Second pass. When the first pass's raw text has Whisper's compression ratio above 2.4, or a repeat the guard
 removed, or a cut-off repeated tail (`repeated_tail`), or a text that is one phrase said over again
-(`echoed_text`: "Goodbye! Goodbye!" from a one-word turn on one CPU kernel), the audio is decoded again over
-the 30 s window and the pass without a repeat is kept, then the one inside Whisper's thresholds, then the
-likelier (higher average log-probability); `DecodeInfo.fallback` says why it ran and `.path` which pass was
-kept. It ran on 0-2 of the 108 decodes of the dev set and the test sentences (every CTranslate2 kernel:
-AVX512, AVX2, AVX, GENERIC); on the dev set with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB
-(unintelligible to tiny.en: WER > 1). On 17 decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass
-lowered the summed WER from 17.0 to 15.4. Whisper's other trigger, average log-probability below -1, is not
-used: on the 19 noisy or very fast decodes it flagged, the 30 s pass was better in 8 and worse in 9 (summed
-WER 21.1 -> 21.6), and temperature sampling (faster-whisper's fallback) was no steadier while costing up to 25
-samples and answering differently on each run. """
+(`echoed_text`: "Goodbye! Goodbye!" from a one-word turn on one CPU kernel), the audio is decoded again:
+first over a window 3 s longer (~0.1 s of a core), kept when that pass is clean (no repeat, inside
+Whisper's thresholds); otherwise over the 30 s window (~0.4 s), and the pass without a repeat is kept, then
+the one inside Whisper's thresholds, then the likelier (higher average log-probability).
+`DecodeInfo.fallback` says why it ran and `.path` which pass was kept. It ran on 0-2 of the 108 decodes of
+the dev set and the test sentences (every CTranslate2 kernel: AVX512, AVX2, AVX, GENERIC); on the dev set
+with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB (unintelligible to tiny.en: WER > 1). On 17
+decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass lowered the summed WER from 17.0 to 15.4.
+The longer window first, because at a pause the 30 s pass delayed the turn by ~0.5 s: among ~600 decodes
+(the dev set, bench/turns.py's sentences and their 0.5 s prefixes, both legs) 23 wanted a second pass, and
+the longer window's text was the 30 s pass's in 19 (the rest were half-word prefixes); on the 11 noisy
+dev-set decodes (10/5/0 dB) that wanted one, it was clean in 2, and the summed WER was 11.8 against 11.7
+with the 30 s pass alone. Partials skip the second pass (`second_pass=False`): they are previews, and it
+would hold a core while the pause's decode, whose text ends the turn, waits. Whisper's other trigger, average
+log-probability below -1, is not used: on the 19 noisy or very fast decodes it flagged, the 30 s pass was
+better in 8 and worse in 9 (summed WER 21.1 -> 21.6), and temperature sampling (faster-whisper's fallback) was
+no steadier while costing up to 25 samples and answering differently on each run. """
 
 from __future__ import annotations
 
@@ -79,6 +86,8 @@ _NO_SPEECH_HARD = 0.8
 _NO_SPEECH_SOFT = 0.6  # ...and avg logprob below _LOGPROB_FLOOR: the rule faster-whisper uses
 _LOGPROB_FLOOR = -1.0
 _COMPRESSION_MAX = 2.4  # Whisper's compression_ratio_threshold
+# The second pass tries a window this much longer than the first before Whisper's 30 s one.
+_MID_EXTRA_S = 3
 # Phrases Whisper emits on near-silence (its subtitle training data); dropped only when the evidence for
 # speech is weak, because "Thank you." is also a perfectly good thing to say on the phone.
 _JUNK = frozenset({
@@ -278,8 +287,10 @@ class DecodeInfo:
     compression_ratio: float = 0.0  # Whisper's: UTF-8 length over zlib-compressed length of raw_text
     # "loop" or "restart" removed by the guard, "tail" or "echo" suspected and kept, "" for none
     repeat: str = ""
-    fallback: str = ""  # why a second pass ran: "compression" or "repeat"; "" when none did
-    # "short": one pass; "short+full": a 30 s pass ran and the short one was kept; "full": the 30 s one was.
+    fallback: str = ""  # why a second pass ran (or was wanted): "compression" or "repeat"; "" when none was
+    # "short": one pass; "mid": a 3 s longer window came out clean and was kept; "short+full": the 30 s pass
+    # ran (after the longer one) and the short one was kept; "full": the 30 s one was;
+    # "short-only": the first pass wanted a second one but the caller asked for one pass (a partial).
     path: str = "short"
     # The kept text's end, as sure as the decoder was of it (EndConfidence; None when the guards changed
     # the text, or end_confidence is off).
@@ -358,8 +369,11 @@ class WhisperEngine(STTEngine):
     def new_stream(self, language: str | None = None) -> WhisperStream:
         return WhisperStream(self, self.check_language(language))
 
-    def transcribe(self, pcm16: np.ndarray, language: str | None = None) -> tuple[str, DecodeInfo]:
-        """Decode one utterance (int16 mono at 16 kHz); returns text ("" for no speech) and what was seen."""
+    def transcribe(self, pcm16: np.ndarray, language: str | None = None, *, second_pass: bool = True
+                   ) -> tuple[str, DecodeInfo]:
+        """Decode one utterance (int16 mono at 16 kHz); returns text ("" for no speech) and what was seen.
+        `second_pass=False`: never the 30 s pass (~0.4 s of a core), for decodes whose text is only a
+        preview (partials); the result then says `path="short-only"` when it wanted one."""
         language = self.check_language(language)
         pcm16 = np.asarray(pcm16, dtype=np.int16)
         rms = frame_rms(pcm16)
@@ -367,12 +381,12 @@ class WhisperEngine(STTEngine):
             return "", DecodeInfo(0.0, 1.0, 0.0, "", "gate")
         chunk_max_s = max(_WINDOW_MAX_S - self.margin_s, _WINDOW_MAX_S / 2)  # 24 s with the 6 s margin
         if len(pcm16) <= chunk_max_s * SAMPLE_RATE:
-            return self._decode_window(pcm16, rms, language)
+            return self._decode_window(pcm16, rms, language, second_pass)
         # Longer than one window: cut at the quietest moments into chunks that each get a full margin.
         texts, infos = [], []
         for start, end in split_long(rms, chunk_max_s):
             chunk = pcm16[start * _FRAME : end * _FRAME]
-            text, info = self._decode_window(chunk, rms[start:end], language)
+            text, info = self._decode_window(chunk, rms[start:end], language, second_pass)
             infos.append(info)
             if text:
                 texts.append(text)
@@ -382,7 +396,8 @@ class WhisperEngine(STTEngine):
             "chunked", sum(i.encode_s for i in infos), sum(i.decode_s for i in infos),
             max(i.compression_ratio for i in infos), ",".join(sorted({i.repeat for i in infos} - {""})),
             ",".join(sorted({i.fallback for i in infos} - {""})),
-            next((p for p in ("full", "short+full") if any(i.path == p for i in infos)), "short"),
+            next((p for p in ("full", "short+full", "mid", "short-only") if any(i.path == p for i in infos)),
+                 "short"),
         )
         return " ".join(texts), info
 
@@ -438,8 +453,8 @@ class WhisperEngine(STTEngine):
             return "compression"
         return "repeat" if repeat else ""
 
-    def _decode_window(self, pcm16: np.ndarray, rms: np.ndarray, language: str | None
-                       ) -> tuple[str, DecodeInfo]:
+    def _decode_window(self, pcm16: np.ndarray, rms: np.ndarray, language: str | None,
+                       second_pass: bool = True) -> tuple[str, DecodeInfo]:
         dur = len(pcm16) / SAMPLE_RATE
         if float(rms.max()) < _GATE_RMS:
             return "", DecodeInfo(0.0, 1.0, 0.0, "", "gate")
@@ -450,16 +465,27 @@ class WhisperEngine(STTEngine):
         text, reason, repeat = self._guard(passes[0], voiced_s)
         fallback = self._failure(passes[0], reason, repeat) if window_s < _WINDOW_MAX_S else ""
         path = "short"
-        if fallback:
-            # Whisper's own 30 s window: slower (the encoder over 30 s), but the short window's loops are
-            # rarely repeated there. Keep the pass without a repeat, then the one inside Whisper's
-            # thresholds, then the likelier; a full pass that hears no speech never replaces speech.
-            passes.append(self._pass(pcm16, _WINDOW_MAX_S, language))
-            text2, reason2, repeat2 = self._guard(passes[1], voiced_s)
-            path = "short+full"
-            if reason2 == "ok" and _rank(passes[1], repeat2) < _rank(passes[0], repeat):
-                text, reason, repeat, path = text2, reason2, repeat2, "full"
-        kept = passes[-1] if path == "full" else passes[0]
+        kept = passes[0]
+        if fallback and not second_pass:
+            path = "short-only"
+        elif fallback:
+            # First a window _MID_EXTRA_S longer (~0.1 s): kept when it is clean (no repeat, inside Whisper's
+            # thresholds), as it is for most loops on clear speech. Otherwise Whisper's own 30 s window
+            # (~0.4 s of a core, the encoder over 30 s), where the short window's loops are rarely repeated.
+            # Keep the pass without a repeat, then the one inside the thresholds, then the likelier; a pass
+            # that hears no speech never replaces speech.
+            mid_s = math.ceil(dur + self.margin_s + _MID_EXTRA_S)
+            if mid_s < _WINDOW_MAX_S:
+                passes.append(self._pass(pcm16, mid_s, language))
+                text2, reason2, repeat2 = self._guard(passes[-1], voiced_s)
+                if reason2 == "ok" and _rank(passes[-1], repeat2)[:2] == (False, False):
+                    text, reason, repeat, path, kept = text2, reason2, repeat2, "mid", passes[-1]
+            if path != "mid":
+                passes.append(self._pass(pcm16, _WINDOW_MAX_S, language))
+                text2, reason2, repeat2 = self._guard(passes[-1], voiced_s)
+                path = "short+full"
+                if reason2 == "ok" and _rank(passes[-1], repeat2) < _rank(passes[0], repeat):
+                    text, reason, repeat, path, kept = text2, reason2, repeat2, "full", passes[-1]
         return text, DecodeInfo(
             kept.window_s, kept.no_speech_prob, kept.avg_logprob, kept.raw, reason,
             sum(p.encode_s for p in passes), sum(p.decode_s for p in passes), kept.compression_ratio,
@@ -553,17 +579,22 @@ class WhisperStream(STTStream):
 
     def partial_decode(self) -> str | None:
         """The text of the audio so far, for a partial the pipeline asks for when the STT is idle: final()'s
-        decode (so an endpoint with no audio after it reuses the result). None when there is no text."""
-        return self.final().text or None
+        decode (so an endpoint with no audio after it reuses the result) without the 30 s second pass: a
+        partial is a preview, and that pass would hold a core ~0.4 s while the pause's decode waits for it.
+        A result that wanted the second pass is not kept for the final. None when there is no text."""
+        return self._decode(second_pass=False).text or None
 
     def final(self) -> Transcript:
+        return self._decode(second_pass=True)
+
+    def _decode(self, second_pass: bool) -> Transcript:
         with self._lock:
             if self._cached is not None and self._cached_n == self._n:
                 return self._cached
             n, gen = self._n, self._gen
             audio = self._buf[:n].copy()
         t0 = time.perf_counter()
-        text, info = self._engine.transcribe(audio, self._language)
+        text, info = self._engine.transcribe(audio, self._language, second_pass=second_pass)
         end = info.end
         result = Transcript(text=text, audio_s=n / SAMPLE_RATE, compute_s=time.perf_counter() - t0,
                             last_word_prob=None if end is None else end.last_word,
@@ -571,7 +602,8 @@ class WhisperStream(STTStream):
         with self._lock:
             if self._gen == gen:
                 self.last_info = info
-                if self._n == n:  # no audio arrived while decoding: the result covers everything
+                # No audio arrived while decoding: the result covers everything, unless it is one pass short.
+                if self._n == n and info.path != "short-only":
                     self._cached, self._cached_n = result, n
         return result
 
