@@ -176,6 +176,12 @@ class Resampler:
     def identity(self) -> bool:
         return self._d is None
 
+    @property
+    def lag(self) -> int:
+        """Output samples a live stream holds back once its input ends on a whole 20 ms frame (the group
+        delay, ~4.2 ms): the n-th frame out is complete only when input past the n-th frame in arrives."""
+        return 0 if self._d is None else self._d.half // self._d.down
+
     def process(self, pcm: np.ndarray) -> np.ndarray:
         if self._d is None:
             return np.asarray(pcm, dtype=np.int16)

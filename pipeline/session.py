@@ -226,6 +226,11 @@ class PipelineSession:
             self.recorder = StereoRecorder(self.recording_path, PROCESS_RATE)
         self._in_resampler = Resampler(self.input_rate, PROCESS_RATE)
         self._in_chunker = FrameChunker(PROCESS_RATE)
+        # Lead the resampled input with its group delay in silence, so each 20 ms frame is whole as soon as
+        # the input frame that ends it arrives: otherwise the resampler's ~4 ms lag holds every frame back
+        # until the next input frame, 20 ms later (every endpoint on a phone leg came 20 ms late). The
+        # session clock then runs ~4 ms behind the caller's audio, which is the filter's delay in any case.
+        self._in_chunker.push(np.zeros(self._in_resampler.lag, np.int16))
         self._out_to_rec = Resampler(self.output_rate, PROCESS_RATE)
         self._clock = 0  # samples of input processed at PROCESS_RATE (the session clock)
         self._agent_cursor = 0  # where the next agent sample goes in the recording

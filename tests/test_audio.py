@@ -304,3 +304,14 @@ def test_test_signals_are_what_they_claim() -> None:
     assert len(click) == 80 and np.abs(click).max() > 20000
     assert not np.array_equal(sounds.cough(seed=1), cough)
     assert np.array_equal(sounds.white_noise(100, -20, seed=3), sounds.white_noise(100, -20, seed=3))
+
+
+@pytest.mark.parametrize("rates", [(8000, 16000), (16000, 8000), (48000, 16000), (44100, 16000),
+                                   (22050, 8000)])
+def test_resampler_lag_is_what_a_live_stream_holds_back(rates: tuple[int, int]) -> None:
+    """`lag` is what the session leads its input frames with, so a 20 ms frame in completes a frame out."""
+    a, b = rates
+    r = Resampler(a, b)
+    got = [len(r.process(np.zeros(a // 50, np.int16))) for _ in range(3)]
+    assert 0 < r.lag < b // 100 and got == [b // 50 - r.lag, b // 50, b // 50]
+    assert Resampler(16000, 16000).lag == 0
