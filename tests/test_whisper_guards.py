@@ -53,14 +53,16 @@ def test_echoed_text_is_a_whole_text_said_over() -> None:
 
 
 def _fake_passes(short: tuple[str, float, float], full: tuple[str, float, float] | None,
-                 calls: list[float], mid: tuple[str, float, float] | None = None
-                 ) -> Callable[[np.ndarray, float, str | None], _Pass]:
-    """A decoder that answers (raw text, avg log-prob, no-speech prob) per window: `full` for 30 s, `mid`
-    for the 3 s longer window (both default to `short`)."""
+                 calls: list[str], penalised: tuple[str, float, float] | None = None
+                 ) -> Callable[..., _Pass]:
+    """A decoder that answers (raw text, avg log-prob, no-speech prob) per pass: `full` for the 30 s window,
+    `penalised` for a pass with a repetition penalty (both default to `short`). `calls` gets "10 s" or
+    "10 s penalised" per pass."""
 
-    def run(pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
-        calls.append(window_s)
-        answer = full if window_s >= 30 else mid if calls[0] < window_s else None
+    def run(pcm16: np.ndarray, window_s: float, language: str | None,
+            repetition_penalty: float = 1.0) -> _Pass:
+        calls.append(f"{window_s:.0f} s" + (" penalised" if repetition_penalty > 1 else ""))
+        answer = full if window_s >= 30 else penalised if repetition_penalty > 1 else None
         raw, logprob, nsp = answer or short
         return _Pass(window_s, raw, logprob, nsp, False, 0.01, 0.05)
 
@@ -100,74 +102,74 @@ def audio() -> np.ndarray:
 def test_second_pass_choice(whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray,
                             short: tuple[str, float, float], full: tuple[str, float, float] | None, text: str,
                             fallback: str, path: str, repeat: str) -> None:
-    calls: list[float] = []
+    calls: list[str] = []
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(short, full, calls))
     got, info = whisper_engine.transcribe(audio, "en")
     assert (got, info.fallback, info.path, info.repeat) == (text, fallback, path, repeat)
-    assert calls == ([10.0] if path == "short" else [10.0, 13.0, 30.0])
+    assert calls == (["10 s"] if path == "short" else ["10 s", "10 s penalised", "30 s"])
     kept = full if path == "full" else short
     assert kept is not None and (info.raw_text, info.avg_logprob) == (kept[0], kept[1])
-    assert info.window_s == calls[-1 if path == "full" else 0]
+    assert info.window_s == (30.0 if path == "full" else 10.0)
     assert info.decode_s == pytest.approx(0.05 * len(calls))  # time covers every pass
     assert info.compression_ratio == pytest.approx(compression_ratio(kept[0]))
 
 
 @pytest.mark.parametrize(
-    "mid,text,path,calls",
+    "penalised,text,path,calls",
     [
-        # The 3 s longer window hears the restart-free sentence: kept, and the 30 s pass never runs.
-        ((DIALED, -0.12, 0.05), DIALED, "mid", [10.0, 13.0]),
+        # The penalised pass hears the restart-free sentence: kept, and the 30 s pass never runs.
+        ((DIALED, -0.12, 0.05), DIALED, "penalty", ["10 s", "10 s penalised"]),
         # It loops as well: the 30 s pass decides, as without it.
-        ((f"{DIALED} Your call", -0.1, 0.05), DIALED, "full", [10.0, 13.0, 30.0]),
+        ((f"{DIALED} Your call", -0.1, 0.05), DIALED, "full", ["10 s", "10 s penalised", "30 s"]),
         # Clean but outside Whisper's thresholds (avg log-prob < -1): not trusted, the 30 s pass runs.
-        (("Your coal can not.", -1.4, 0.3), DIALED, "full", [10.0, 13.0, 30.0]),
+        (("Your coal can not.", -1.4, 0.3), DIALED, "full", ["10 s", "10 s penalised", "30 s"]),
     ],
 )
-def test_second_pass_tries_a_longer_window_first(
+def test_second_pass_tries_a_repetition_penalty_first(
         whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray,
-        mid: tuple[str, float, float], text: str, path: str, calls: list[float]) -> None:
-    seen: list[float] = []
+        penalised: tuple[str, float, float], text: str, path: str, calls: list[str]) -> None:
+    seen: list[str] = []
     restart = (f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04)
-    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, (DIALED, -0.2, 0.05), seen, mid))
+    monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, (DIALED, -0.2, 0.05), seen, penalised))
     got, info = whisper_engine.transcribe(audio, "en")
     assert (got, info.fallback, info.path, seen) == (text, "repeat", path, calls)
-    assert info.window_s == seen[-1]
+    assert info.window_s == (30.0 if path == "full" else 10.0)
 
 
 def test_no_second_pass_without_speech_or_room(whisper_engine: WhisperEngine,
                                               monkeypatch: pytest.MonkeyPatch, audio: np.ndarray) -> None:
-    calls: list[float] = []
+    calls: list[str] = []
     # No speech by the guards' rules: nothing a second pass could rescue.
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(("you you you you", -1.2, 0.9), None, calls))
-    assert whisper_engine.transcribe(audio, "en")[0] == "" and calls == [10.0]
+    assert whisper_engine.transcribe(audio, "en")[0] == "" and calls == ["10 s"]
     # A 24 s turn already fills the 30 s window: there is no longer window to try.
     calls.clear()
     long = np.tile(audio, 10)[: 24 * 16000]
     restart = (f"{DIALED} Your call", -0.1, 0.05)
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, None, calls))
     text, info = whisper_engine.transcribe(long, "en")
-    assert calls == [30.0] and (info.fallback, info.path, text) == ("", "short", DIALED)
+    assert calls == ["30 s"] and (info.fallback, info.path, text) == ("", "short", DIALED)
 
 
 def test_partial_decode_skips_the_second_pass_and_is_not_kept(
         whisper_engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch, audio: np.ndarray) -> None:
     """A partial is a preview: the 30 s pass (~0.4 s of a core) would hold up the pause's decode. Its
     one-pass text that wanted that pass is not cached, so the final at the endpoint still runs it."""
-    calls: list[float] = []
+    calls: list[str] = []
     restart = (f"{DIALED} Your call cannot be completed as dial", -0.08, 0.04)
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(restart, (DIALED, -0.12, 0.05), calls))
     stream = whisper_engine.new_stream("en")
     stream.accept(audio)
     assert stream.partial_decode() == DIALED  # the guard's text of the one pass
-    assert calls == [10.0]
+    assert calls == ["10 s"]
     assert stream.last_info is not None and (stream.last_info.fallback, stream.last_info.path) == (
         "repeat", "short-only")
     final = stream.final()
-    assert final.text == DIALED and calls == [10.0, 10.0, 13.0, 30.0]
+    assert final.text == DIALED and calls == ["10 s", "10 s", "10 s penalised", "30 s"]
     assert stream.last_info is not None and stream.last_info.path == "full"
     # A clean one-pass partial is the final's decode: the endpoint reuses it.
     calls.clear()
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes((DIALED, -0.1, 0.05), None, calls))
     stream.reset()
     stream.accept(audio)
-    assert stream.partial_decode() == DIALED and stream.final().text == DIALED and calls == [10.0]
+    assert stream.partial_decode() == DIALED and stream.final().text == DIALED and calls == ["10 s"]

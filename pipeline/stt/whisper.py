@@ -35,23 +35,31 @@ phrases on weak evidence.
 
 Second pass. When the first pass's raw text has Whisper's compression ratio above 2.4, or a repeat the guard
 removed, or a cut-off repeated tail (`repeated_tail`), or a text that is one phrase said over again
-(`echoed_text`: "Goodbye! Goodbye!" from a one-word turn on one CPU kernel), the audio is decoded again:
-first over a window 3 s longer (~0.1 s of a core), kept when that pass is clean (no repeat, inside
-Whisper's thresholds); otherwise over the 30 s window (~0.4 s), and the pass without a repeat is kept, then
-the one inside Whisper's thresholds, then the likelier (higher average log-probability).
-`DecodeInfo.fallback` says why it ran and `.path` which pass was kept. It ran on 0-2 of the 108 decodes of
-the dev set and the test sentences (every CTranslate2 kernel: AVX512, AVX2, AVX, GENERIC); on the dev set
-with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB (unintelligible to tiny.en: WER > 1). On 17
-decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass lowered the summed WER from 17.0 to 15.4.
-The longer window first, because at a pause the 30 s pass delayed the turn by ~0.5 s: among ~600 decodes
-(the dev set, bench/turns.py's sentences and their 0.5 s prefixes, both legs) 23 wanted a second pass, and
-the longer window's text was the 30 s pass's in 19 (the rest were half-word prefixes); on the 11 noisy
-dev-set decodes (10/5/0 dB) that wanted one, it was clean in 2, and the summed WER was 11.8 against 11.7
-with the 30 s pass alone. Partials skip the second pass (`second_pass=False`): they are previews, and it
-would hold a core while the pause's decode, whose text ends the turn, waits. Whisper's other trigger, average
-log-probability below -1, is not used: on the 19 noisy or very fast decodes it flagged, the 30 s pass was
-better in 8 and worse in 9 (summed WER 21.1 -> 21.6), and temperature sampling (faster-whisper's fallback) was
-no steadier while costing up to 25 samples and answering differently on each run. """
+(`echoed_text`: "Goodbye! Goodbye!" from a one-word turn on one CPU kernel), the audio is decoded again: first
+over the same window with CTranslate2's repetition penalty (1.3; ~0.2 s of a core), kept when that pass is
+clean (no repeat, inside Whisper's thresholds); otherwise over the 30 s window (0.4-0.9 s), and the pass
+without a repeat is kept, then the one inside Whisper's thresholds, then the likelier (higher average
+log-probability). `DecodeInfo.fallback` says why it ran and `.path` which pass was kept. It ran on 0-2 of the
+108 decodes of the dev set and the test sentences (every CTranslate2 kernel: AVX512, AVX2, AVX, GENERIC); on
+the dev set with noise, 0/80 at 10 dB SNR, 1/80 at 5 dB, 9/80 at 0 dB (unintelligible to tiny.en: WER > 1). On
+17 decodes with a repeat (noisy and repeat-heavy sets) the 30 s pass lowered the summed WER from 17.0 to 15.4.
+A window 3 s longer was tried first before, because at a pause the 30 s pass delayed the turn by ~0.5 s: among
+~600 decodes (the dev set, bench/turns.py's sentences and their 0.5 s prefixes, both legs) 23 wanted a second
+pass, and the longer window's text was the 30 s pass's in 19 (the rest were half-word prefixes); on the 11
+noisy dev-set decodes (10/5/0 dB) that wanted one, it was clean in 2, and the summed WER was 11.8 against 11.7
+with the 30 s pass alone. The repetition penalty then replaced the longer window, because on the phone leg
+both the first window and the longer one looped on some sentences ("Can you tell me my account balance please?
+Can you tell me my count", 1.5 s to decode with the 30 s pass, answered ~1.7 s after the user stopped). Among
+1212 decodes (the dev set clean and at 10/5/0 dB SNR, bench/turns.py's sentences, all as wideband and as a
+PCMU call, whole and cut at 30-90 %), 125 wanted a second pass: the penalised pass was clean in 75 (mean 197
+ms), the 3 s longer window in 43 (248 ms); the 30 s pass (747 ms on average in that run) then ran 50 times
+instead of 82, and the summed WER of the 12 whole utterances among them (mostly at 0 dB) was 10.03 against
+10.19 with the longer window first and 10.43 with the 30 s pass alone. Partials skip the second pass
+(`second_pass=False`): they are previews, and it would hold a core while the pause's decode, whose text ends
+the turn, waits. Whisper's other trigger, average log-probability below -1, is not used: on the 19 noisy or
+very fast decodes it flagged, the 30 s pass was better in 8 and worse in 9 (summed WER 21.1 -> 21.6), and
+temperature sampling (faster-whisper's fallback) was no steadier while costing up to 25 samples and answering
+differently on each run. """
 
 from __future__ import annotations
 
@@ -86,8 +94,8 @@ _NO_SPEECH_HARD = 0.8
 _NO_SPEECH_SOFT = 0.6  # ...and avg logprob below _LOGPROB_FLOOR: the rule faster-whisper uses
 _LOGPROB_FLOOR = -1.0
 _COMPRESSION_MAX = 2.4  # Whisper's compression_ratio_threshold
-# The second pass tries a window this much longer than the first before Whisper's 30 s one.
-_MID_EXTRA_S = 3
+# The second pass first decodes the same window again with this CTranslate2 repetition_penalty (docstring).
+_REPEAT_PENALTY = 1.3
 # Phrases Whisper emits on near-silence (its subtitle training data); dropped only when the evidence for
 # speech is weak, because "Thank you." is also a perfectly good thing to say on the phone.
 _JUNK = frozenset({
@@ -288,8 +296,9 @@ class DecodeInfo:
     # "loop" or "restart" removed by the guard, "tail" or "echo" suspected and kept, "" for none
     repeat: str = ""
     fallback: str = ""  # why a second pass ran (or was wanted): "compression" or "repeat"; "" when none was
-    # "short": one pass; "mid": a 3 s longer window came out clean and was kept; "short+full": the 30 s pass
-    # ran (after the longer one) and the short one was kept; "full": the 30 s one was;
+    # "short": one pass; "penalty": the same window with a repetition penalty came out clean and was kept;
+    # "short+full": the 30 s pass ran (after the penalised one) and the short one was kept; "full": the 30 s
+    # one was;
     # "short-only": the first pass wanted a second one but the caller asked for one pass (a partial).
     path: str = "short"
     # The kept text's end, as sure as the decoder was of it (EndConfidence; None when the guards changed
@@ -401,8 +410,8 @@ class WhisperEngine(STTEngine):
             "chunked", sum(i.encode_s for i in infos), sum(i.decode_s for i in infos),
             max(i.compression_ratio for i in infos), ",".join(sorted({i.repeat for i in infos} - {""})),
             ",".join(sorted({i.fallback for i in infos} - {""})),
-            next((p for p in ("full", "short+full", "mid", "short-only") if any(i.path == p for i in infos)),
-                 "short"),
+            next((p for p in ("full", "short+full", "penalty", "short-only")
+                  if any(i.path == p for i in infos)), "short"),
         )
         return " ".join(texts), info
 
@@ -474,18 +483,16 @@ class WhisperEngine(STTEngine):
         if fallback and not second_pass:
             path = "short-only"
         elif fallback:
-            # First a window _MID_EXTRA_S longer (~0.1 s): kept when it is clean (no repeat, inside Whisper's
-            # thresholds), as it is for most loops on clear speech. Otherwise Whisper's own 30 s window
-            # (~0.4 s of a core, the encoder over 30 s), where the short window's loops are rarely repeated.
-            # Keep the pass without a repeat, then the one inside the thresholds, then the likelier; a pass
-            # that hears no speech never replaces speech.
-            mid_s = math.ceil(dur + self.margin_s + _MID_EXTRA_S)
-            if mid_s < _WINDOW_MAX_S:
-                passes.append(self._pass(pcm16, mid_s, language))
-                text2, reason2, repeat2 = self._guard(passes[-1], voiced_s)
-                if reason2 == "ok" and _clean(passes[-1], repeat2):
-                    text, reason, repeat, path, kept = text2, reason2, repeat2, "mid", passes[-1]
-            if path != "mid":
+            # First the same window with a repetition penalty (~0.2 s): kept when it is clean (no repeat,
+            # inside Whisper's thresholds), as it is for most loops. Otherwise Whisper's own 30 s window
+            # (0.4-0.9 s of a core, the encoder over 30 s), where the short window's loops are rarely
+            # repeated. Keep the pass without a repeat, then the one inside the thresholds, then the likelier;
+            # a pass that hears no speech never replaces speech.
+            passes.append(self._pass(pcm16, window_s, language, repetition_penalty=_REPEAT_PENALTY))
+            text2, reason2, repeat2 = self._guard(passes[-1], voiced_s)
+            if reason2 == "ok" and _clean(passes[-1], repeat2):
+                text, reason, repeat, path, kept = text2, reason2, repeat2, "penalty", passes[-1]
+            else:
                 passes.append(self._pass(pcm16, _WINDOW_MAX_S, language))
                 text2, reason2, repeat2 = self._guard(passes[-1], voiced_s)
                 path = "short+full"
@@ -497,7 +504,8 @@ class WhisperEngine(STTEngine):
             repeat, fallback, path, kept.end if text == kept.raw else None,
         )
 
-    def _pass(self, pcm16: np.ndarray, window_s: float, language: str | None) -> _Pass:
+    def _pass(self, pcm16: np.ndarray, window_s: float, language: str | None,
+              repetition_penalty: float = 1.0) -> _Pass:
         dur = len(pcm16) / SAMPLE_RATE
         audio = np.zeros(int(window_s * SAMPLE_RATE), dtype=np.float32)
         audio[: len(pcm16)] = pcm16.astype(np.float32) / 32768.0
@@ -515,7 +523,7 @@ class WhisperEngine(STTEngine):
         result = self.model.model.generate(
             encoded, [prompt], beam_size=self.beam_size, max_length=len(prompt) + max_new,
             return_scores=True, return_no_speech_prob=True, suppress_blank=True,
-            suppress_tokens=self._suppress,
+            suppress_tokens=self._suppress, repetition_penalty=repetition_penalty,
         )[0]
         tokens = result.sequences_ids[0]
         end = None
