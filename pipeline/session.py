@@ -341,11 +341,11 @@ class PipelineSession:
             self._spawn(self.end("error"))
 
     def _native_vote(self, voiced: bool) -> None:
-        """A narrowband leg's VAD vote. Its 16 kHz frame reaches the detector 60-115 ms later (the
-        resampler's lag), so the first voiced vote over the agent pauses the agent's audio here, at once
-        (barge-in reaction); once the detector has seen the votes its onset needs, it confirms the
-        barge-in or the audio resumes. Silero scores 32 ms windows, so waiting for a second voiced
-        20 ms frame here would often mean waiting for a second window."""
+        """A narrowband leg's VAD vote, cast on the caller's own 8 kHz frame. The detector declares speech
+        only after `onset_frames` votes, so the first voiced vote over the agent pauses the agent's audio
+        here, at once (barge-in reaction); once the detector has seen the votes its onset needs, it
+        confirms the barge-in or the audio resumes. Silero scores 32 ms windows, so waiting for a second
+        voiced 20 ms frame here would often mean waiting for a second window."""
         self._vad_votes.append(voiced)
         self._votes_seen += 1
         self._native_run = self._native_run + 1 if voiced else 0

@@ -142,7 +142,7 @@ def test_no_second_pass_without_speech_or_room(whisper_engine: WhisperEngine,
     # No speech by the guards' rules: nothing a second pass could rescue.
     monkeypatch.setattr(whisper_engine, "_pass", _fake_passes(("you you you you", -1.2, 0.9), None, calls))
     assert whisper_engine.transcribe(audio, "en")[0] == "" and calls == ["10 s"]
-    # A 24 s turn already fills the 30 s window: there is no longer window to try.
+    # A 24 s turn already fills the 30 s window: its one pass is the 30 s pass, so no second pass runs.
     calls.clear()
     long = np.tile(audio, 10)[: 24 * 16000]
     restart = (f"{DIALED} Your call", -0.1, 0.05)
