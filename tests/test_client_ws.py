@@ -136,8 +136,10 @@ async def test_barge_in_sends_clear_at_once_and_stops_the_audio(web_server, raw_
         [synth("Stop, I want to speak to a person please."), silence(1500)]), 16000))
     (clear,) = await client.wait_for("clear", timeout_s=10)
     onset = [e for e in client.of("user.speech_started") if e["_t"] < clear["_t"]][-1]
-    (reaction,) = [m["values"]["reaction_ms"] for m in client.of("metric") if m["name"] == "barge_in"]
     await barge
+    # Read once the interruption has been streamed: the metric follows `clear` on the socket and need not
+    # have been read yet when `clear` was.
+    (reaction,) = [m["values"]["reaction_ms"] for m in client.of("metric") if m["name"] == "barge_in"]
     (done,) = [d for d in client.of("agent.speech_done") if d["text"] == LONG_REPLY]
     assert done["interrupted"] and done["heard_text"] and LONG_REPLY.startswith(done["heard_text"])
 
