@@ -65,6 +65,8 @@ PREROLL_FRAMES = 15  # 300 ms of audio before the onset goes to the STT too
 # A pause is decoded after this much VAD silence when the turn detector reads the words: with Silero's
 # hang-over that is ~150 ms after the voice stopped, and a ~150 ms decode is in before min_silence_ms.
 SPECULATE_MS = 40
+# How long the frame loop waits for a pause's verdict before it goes on without one (a stuck decode).
+VERDICT_WAIT_S = 10.0
 
 
 class Engines:
@@ -214,6 +216,7 @@ class PipelineSession:
                                    undecided_ms=cfg.endpointing.silence_range_ms[2] if reads_words else None)
         self._pause_no = 0  # pauses and resumptions so far: a verdict for an earlier pause is stale
         self._verdict: tuple[float, int] | None = None  # (end probability, endpoint ms) of this pause
+        self._pause_decode: asyncio.Future[Any] | None = None  # the decode this pause's verdict comes from
         self._voiced_tail: collections.deque[np.ndarray] = collections.deque(maxlen=25)  # last 0.5 s voiced
         self.start_stage = "tts"
         self.speaker = Speaker(self.engines.tts, cfg.tts, self.output_rate)
@@ -358,6 +361,8 @@ class PipelineSession:
             self._early_pause = self._votes_seen - 1 + self.detector.onset_frames - 1
 
     async def _on_frame(self, frame: np.ndarray, voiced: bool, wall: float) -> None:
+        if self._verdict_owed():
+            await self._await_verdict()
         self._book_playback()
         if self.recorder:
             self.recorder.add_user(frame)
@@ -399,6 +404,7 @@ class PipelineSession:
                 if self.turn_detector.needs_text:
                     pause = self._pause_no
                     speculation.add_done_callback(lambda f, pause=pause: self._judge_pause(f, pause))
+                    self._pause_decode = speculation
             elif signal in (Signal.END, Signal.MAX_LENGTH):
                 await self._end_of_utterance(forced=signal is Signal.MAX_LENGTH)
             elif signal is Signal.DISCARD:
@@ -412,15 +418,39 @@ class PipelineSession:
                 self.stt.feed(frame)
             elif self.detector.state.value == "paused":
                 self.stt.hold(frame)
-                if (self._verdict is None and self.turn_detector.needs_text
-                        and self.detector.silence_ms >= self.config.endpointing.silence_range_ms[0]):
-                    self.stt.promote_speculation()  # a finished turn would end now: its text is what waits
             self._barge_check()
 
     # ---- turn detection --------------------------------------------------------------------------------
     def _new_pause_state(self) -> None:
         self._pause_no += 1
         self._verdict = None
+        self._pause_decode = None
+
+    def _verdict_owed(self) -> bool:
+        """The next frame could reach the shortest endpoint, and this pause's decode is still running. On
+        an idle machine the verdict is in by then (the decode starts at SPECULATE_MS); judging the frame
+        without it would let a late decode change where the turn ends (speech resuming first makes the
+        verdict stale), so the frame waits for it."""
+        fut = self._pause_decode
+        return (fut is not None and not fut.done() and self._verdict is None
+                and self.detector.state is State.PAUSED
+                and self.detector.silence_ms + self.detector.frame_ms
+                >= self.config.endpointing.silence_range_ms[0])
+
+    async def _await_verdict(self) -> None:
+        fut = self._pause_decode
+        assert fut is not None
+        self.stt.promote_speculation()  # the turn waits for its text: ahead of other speculations
+        t0 = time.monotonic()
+        done, _ = await asyncio.wait([fut], timeout=VERDICT_WAIT_S)
+        await asyncio.sleep(0)  # the verdict's own done-callback runs first
+        if not done:
+            log.warning("session %s: the pause's decode took over %.0f s; the turn goes on without its "
+                        "verdict (it ends at the longest silence)", self.session_id, VERDICT_WAIT_S)
+            self._pause_decode = None
+        elif (waited := time.monotonic() - t0) > 0.05:
+            log.debug("session %s: input waited %.0f ms for the pause's verdict", self.session_id,
+                      waited * 1000)
 
     def _judge_pause(self, fut: asyncio.Future[Any], pause: int) -> None:
         """The pause's speculative text is in: the turn detector says how long this silence must last.

@@ -29,6 +29,7 @@ from tests import realspeech
 from tests.speech import g711_roundtrip, resample, silence, synth, wer
 
 FINISHED = "What time does the pharmacy open tomorrow?"
+FOLLOW_UP = "I also need a prescription refilled."
 # Spoken whole with 700 ms of silence after "with": the pause a caller makes looking for a word.
 PAUSED_HEAD, PAUSED_TAIL = "I'd like to order a large pizza with", "olives and mushrooms."
 
@@ -44,6 +45,16 @@ async def lockstep(session: PipelineSession, pcm: np.ndarray) -> None:
         if session.stt._tail is not None:
             await asyncio.shield(session.stt._tail)
         await asyncio.sleep(0)  # the decode's done-callbacks (the verdict) run before the next frame
+
+
+async def burst(session: PipelineSession, pcm: np.ndarray) -> None:
+    """All of `pcm` at once, as a machine far behind real time takes it: the frame loop runs ahead of
+    every decode. Returns once every frame has been taken."""
+    n = session.input_rate // 50
+    for i in range(0, len(pcm) - n + 1, n):
+        session.push_audio(pcm[i:i + n])
+    while session._input.qsize() and not session.ended.is_set():  # noqa: ASYNC110 (no event for it)
+        await asyncio.sleep(0.005)
 
 
 def paused_sentence(rate: int) -> np.ndarray:
@@ -111,6 +122,28 @@ async def test_a_sentence_paused_mid_thought_stays_one_turn(engines: Engines, ra
         assert not any(isinstance(e, ev.UserNonTurn) for e in events)
     finally:
         await session.end("test_over")
+
+
+@pytest.mark.parametrize("rate", [16000, 8000], ids=["web", "phone"])
+async def test_where_a_turn_ends_does_not_depend_on_how_fast_the_pause_is_decoded(engines: Engines,
+                                                                                  rate: int) -> None:
+    """A finished sentence, 400 ms of silence (past the shortest endpoint, short of silence endpointing's
+    500 ms), then more: the same two turns whether the audio comes in lock-step with the STT or all at once,
+    the frame loop far ahead of the pause's decode (its verdict would land after the speech resumed)."""
+    audio = np.concatenate([silence(300, rate), speech(FINISHED, rate), silence(400, rate),
+                            speech(FOLLOW_UP, rate)])
+    heard = []
+    for feed in (lockstep, burst):
+        session, events = await session_for(engines, rate)
+        try:
+            await feed(session, audio)
+            await lockstep(session, silence(1600, rate))  # the longest silence: the last turn ends
+            heard.append([(t.text, t.start_ms, t.end_ms) for t in turns(events)])
+        finally:
+            await session.end("test_over")
+    in_step, at_once = heard
+    assert len(in_step) == 2 and wer(FINISHED, in_step[0][0]) <= 0.2, in_step
+    assert at_once == in_step
 
 
 async def test_silence_endpointing_cuts_the_same_pause(engines: Engines) -> None:
