@@ -4,7 +4,8 @@ a sentence paused mid-thought stays one turn, on the web (16 kHz) and phone (8 k
 The audio goes in lock-step with the STT: each 20 ms frame is pushed only once the session has taken the
 one before and every STT call it made has finished. Decisions then depend on the session clock alone
 (a verdict lands on the frame after its pause's decode, as on an idle machine), never on how fast this
-machine decodes, so nothing here has a timing threshold.
+machine decodes, so nothing here has a timing threshold. The session keeps where a turn ends independent
+of the decode's speed by itself too: one test feeds the same audio all at once and gets the same turns.
 """
 
 from __future__ import annotations
